@@ -1,0 +1,92 @@
+/* Internal header for the C data plane: system headers, the public API and
+ * the full definitions of the structures Python only sees as opaque. */
+#ifndef VHD_H
+#define VHD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "vhd_api.h"
+
+_Static_assert(sizeof(((struct vhd_chain *)0)->iov) / sizeof(struct iovec) == VHD_MAX_IOV,
+               "vhd_chain.iov must hold VHD_MAX_IOV entries");
+
+struct vhd_mem_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t uva;
+    uint8_t *hva;        /* host address of gpa (mapping base + mmap_offset) */
+    void *map_base;      /* what mmap() returned, for munmap() */
+    size_t map_len;
+};
+
+struct vhd_mem {
+    uint32_t nregions;
+    struct vhd_mem_region regions[VHD_MAX_MEM_REGIONS];
+};
+
+/* Split ring layout (virtio 1.2, 2.7). Little-endian: x86-64 only host. */
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VRING_USED_F_NO_NOTIFY 1
+
+struct vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];     /* then used_event, with EVENT_IDX */
+};
+
+struct vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+struct vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct vring_used_elem ring[]; /* then avail_event, with EVENT_IDX */
+};
+
+struct vhd_vring {
+    const vhd_mem *mem;
+    uint32_t num;
+    uint32_t mask;
+    struct vring_desc *desc;
+    struct vring_avail *avail;
+    struct vring_used *used;
+    uint16_t last_avail_idx;   /* next avail entry to pop */
+    uint16_t used_idx;         /* shadow of used->idx including unpublished pushes */
+    uint16_t published_idx;    /* last value stored to used->idx */
+    uint16_t signalled_used;   /* used->idx at the last notification check */
+    bool signalled_used_valid;
+    bool event_idx;
+    bool indirect;
+    int call_fd;
+    int err_fd;
+    struct vhd_vring_stats stats;
+};
+
+/* Relaxed loads/stores of guest-shared 16-bit fields: the guest writes them
+ * concurrently, so every access must be a single, untorn access. */
+static inline uint16_t vhd_load16(const uint16_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void vhd_store16(uint16_t *p, uint16_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+
+#endif

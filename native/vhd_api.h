@@ -1,0 +1,131 @@
+/* vhostd native data plane: the interface Python sees.
+ *
+ * This file is read twice: by the C compiler (through vhd.h) and by cffi's
+ * cdef() at package build time.  Keep it to declarations and integer
+ * #defines cffi can parse: no #include, no #if, no inline code.
+ *
+ * Ownership: Python owns every fd it passes in (kick, call, err, backing
+ * file); C only uses them while a worker runs.  C owns the mappings made by
+ * vhd_mem_add() and releases them in vhd_mem_free().
+ */
+
+#define VHD_MAX_MEM_REGIONS 8
+#define VHD_MAX_QUEUE_SIZE 32768
+#define VHD_MAX_IOV 1024
+
+/* vhd_vring_pop() results (negative values are guest errors). */
+#define VHD_POP_EMPTY 0
+#define VHD_POP_OK 1
+#define VHD_ERR_AVAIL_IDX -1    /* avail->idx moved by more than the ring size */
+#define VHD_ERR_HEAD -2         /* head index not below the ring size */
+#define VHD_ERR_NEXT -3         /* desc.next not below the table size */
+#define VHD_ERR_CHAIN_LEN -4    /* chain longer than its table: a loop */
+#define VHD_ERR_ADDR -5         /* buffer not inside guest memory */
+#define VHD_ERR_INDIRECT -6     /* bad indirect table (nested, size, not negotiated) */
+#define VHD_ERR_ORDER -7        /* device-readable after device-writable */
+#define VHD_ERR_IOV -8          /* more segments than VHD_MAX_IOV */
+#define VHD_ERR_LEN -9          /* chain's total length does not fit 32 bits */
+
+/* Guest memory: an immutable translation table once handed to workers.
+ * Changing memory means building a new table, stopping the workers,
+ * swapping, restarting (see vhostd/memory.py). */
+typedef struct vhd_mem vhd_mem;
+
+vhd_mem *vhd_mem_new(void);
+void vhd_mem_free(vhd_mem *mem);
+/* Maps size bytes of fd at mmap_offset (the fd may be closed afterwards).
+ * Returns 0 or a negative errno; -EINVAL for zero size, overflowing or
+ * overlapping ranges, -ENOSPC when the table is full. */
+int vhd_mem_add(vhd_mem *mem, int fd, uint64_t gpa, uint64_t size,
+                uint64_t uva, uint64_t mmap_offset);
+uint32_t vhd_mem_count(const vhd_mem *mem);
+/* Host address of [addr, addr+len) if it lies inside one region, else NULL. */
+void *vhd_mem_gpa_to_hva(const vhd_mem *mem, uint64_t gpa, uint64_t len);
+void *vhd_mem_uva_to_hva(const vhd_mem *mem, uint64_t uva, uint64_t len);
+/* Splits [gpa, gpa+len) into host iovecs across regions.  Returns the
+ * number of iovecs used, -EFAULT if any byte is outside guest memory, or
+ * -ENOBUFS if more than max iovecs would be needed. */
+int vhd_mem_gpa_to_iov(const vhd_mem *mem, uint64_t gpa, uint64_t len,
+                       struct iovec *iov, int max);
+
+/* Split virtqueue. */
+struct vhd_vring_config {
+    uint32_t num;               /* ring size, power of two <= 32768 */
+    uint64_t desc_uva;          /* front-end virtual addresses (SET_VRING_ADDR) */
+    uint64_t avail_uva;
+    uint64_t used_uva;
+    uint16_t last_avail_idx;    /* SET_VRING_BASE */
+    int event_idx;              /* VIRTIO_RING_F_EVENT_IDX negotiated */
+    int indirect;               /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
+    int call_fd;                /* -1: front-end polls, never notify */
+    int err_fd;                 /* -1: no error notification */
+};
+
+/* Counters written only by the ring's worker; read racily by the
+ * control plane for status (64-bit aligned stores are atomic on x86-64). */
+struct vhd_vring_stats {
+    uint64_t requests;
+    uint64_t bytes_read;        /* from guest memory into the back-end */
+    uint64_t bytes_written;     /* from the back-end into guest memory */
+    uint64_t errors;            /* requests completed with an error status */
+    uint64_t kicks;
+    uint64_t calls;
+    uint64_t batches;
+    int64_t broken;             /* 0 or the VHD_ERR_* that broke the ring */
+};
+
+struct vhd_chain {
+    uint16_t head;
+    uint16_t n_out;             /* device-readable iovecs, first in iov[] */
+    uint16_t n_in;              /* device-writable iovecs, after them */
+    uint32_t out_len;
+    uint32_t in_len;
+    struct iovec iov[1024];
+};
+
+typedef struct vhd_vring vhd_vring;
+
+vhd_vring *vhd_vring_new(void);
+void vhd_vring_free(vhd_vring *vr);
+/* Validates and translates the ring addresses against mem (which must stay
+ * alive while the ring is used).  Returns 0 or -EINVAL/-EFAULT. */
+int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem,
+                    const struct vhd_vring_config *cfg);
+int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *chain);
+void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len);
+/* Publishes pushed elements and notifies the front-end if it asked. */
+void vhd_vring_flush(vhd_vring *vr);
+void vhd_vring_disable_notify(vhd_vring *vr);
+/* Re-enables kicks; returns 1 if buffers arrived meanwhile (lost-wake-up check). */
+int vhd_vring_enable_notify(vhd_vring *vr);
+/* Marks the ring broken with reason and signals err_fd (NEEDS_RESET). */
+void vhd_vring_set_broken(vhd_vring *vr, int reason);
+uint16_t vhd_vring_last_avail_idx(const vhd_vring *vr);
+uint16_t vhd_vring_used_idx(const vhd_vring *vr);
+const struct vhd_vring_stats *vhd_vring_stats(const vhd_vring *vr);
+
+/* virtio-blk back-end on a file or block device. */
+typedef struct vhd_blk vhd_blk;
+
+vhd_blk *vhd_blk_new(int fd, uint64_t capacity_sectors, int readonly,
+                     const char *serial, uint32_t serial_len);
+void vhd_blk_free(vhd_blk *blk);
+/* Handles one popped chain; pushes its used element.  Returns the status. */
+int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *chain);
+
+/* Device kinds a worker can run; the device object is passed as void *. */
+#define VHD_DEV_BLK 1
+
+/* A worker thread serving one ring: epoll on the kick eventfd (or polling
+ * when kick_fd is -1) and a private stop eventfd.  It never enters Python. */
+typedef struct vhd_worker vhd_worker;
+
+/* Returns NULL and sets *err (negative errno) on failure. */
+vhd_worker *vhd_worker_start(vhd_vring *vr, int dev_kind, void *dev,
+                             int kick_fd, int *err);
+/* Asks the worker to stop after its current batch and joins it. */
+void vhd_worker_stop(vhd_worker *w);
+
+/* Processes everything available on vr once, synchronously (tests, and the
+ * worker's loop body).  Returns the number of chains handled. */
+int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev);

@@ -1,0 +1,291 @@
+/* Split virtqueue processing (virtio 1.2 section 2.7), device side.
+ *
+ * Memory ordering with the driver, which runs concurrently on another CPU:
+ * - avail->idx is loaded with acquire: the driver writes the ring entry and
+ *   descriptors before a release/wmb of avail->idx, so they are visible to
+ *   every load that follows.
+ * - used->idx is stored with release: used elements and the data written
+ *   into guest buffers are visible before the driver sees the new index.
+ * - A full fence separates "publish used idx / re-enable kicks" from
+ *   "read the driver's suppression fields / re-check avail->idx"; without
+ *   it the store can be reordered after the load (store-load on x86) and a
+ *   notification or a kick is lost.
+ * Every guest-written field is read with one untorn load into a local and
+ * only the local is used afterwards (no double fetch). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+
+#include "vhd.h"
+
+vhd_vring *vhd_vring_new(void)
+{
+    vhd_vring *vr = calloc(1, sizeof(*vr));
+    if (vr) {
+        vr->call_fd = -1;
+        vr->err_fd = -1;
+    }
+    return vr;
+}
+
+void vhd_vring_free(vhd_vring *vr)
+{
+    free(vr);
+}
+
+static bool aligned(const void *p, uintptr_t a)
+{
+    return ((uintptr_t)p & (a - 1)) == 0;
+}
+
+int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_config *cfg)
+{
+    uint64_t n = cfg->num;
+    if (n == 0 || n > VHD_MAX_QUEUE_SIZE || (n & (n - 1)) != 0)
+        return -EINVAL;
+    /* Sizes include used_event / avail_event; the ring must be wholly mapped. */
+    void *desc = vhd_mem_uva_to_hva(mem, cfg->desc_uva, 16 * n);
+    void *avail = vhd_mem_uva_to_hva(mem, cfg->avail_uva, 6 + 2 * n);
+    void *used = vhd_mem_uva_to_hva(mem, cfg->used_uva, 6 + 8 * n);
+    if (!desc || !avail || !used)
+        return -EFAULT;
+    if (!aligned(desc, 16) || !aligned(avail, 2) || !aligned(used, 4))
+        return -EINVAL;
+    /* Counters survive a re-setup (memory table swap); a broken mark does
+     * not: the front-end re-initialised the ring. */
+    struct vhd_vring_stats stats = vr->stats;
+    memset(vr, 0, sizeof(*vr));
+    vr->stats = stats;
+    vr->stats.broken = 0;
+    vr->mem = mem;
+    vr->num = (uint32_t)n;
+    vr->mask = (uint32_t)n - 1;
+    vr->desc = desc;
+    vr->avail = avail;
+    vr->used = used;
+    vr->last_avail_idx = cfg->last_avail_idx;
+    /* The used index in guest memory is the truth after a reconnect. */
+    vr->used_idx = vhd_load16(&vr->used->idx);
+    vr->published_idx = vr->used_idx;
+    vr->event_idx = cfg->event_idx != 0;
+    vr->indirect = cfg->indirect != 0;
+    vr->call_fd = cfg->call_fd;
+    vr->err_fd = cfg->err_fd;
+    return 0;
+}
+
+void vhd_vring_set_broken(vhd_vring *vr, int reason)
+{
+    if (vr->stats.broken)
+        return;
+    vr->stats.broken = reason;
+    if (vr->err_fd >= 0)
+        eventfd_write(vr->err_fd, 1);
+}
+
+/* One untorn read of each field.  Descriptor tables in the ring are 16-byte
+ * aligned (checked at setup); indirect tables may not be, and are read with
+ * a volatile byte copy, which is equally single-fetch. */
+static void read_desc(const struct vring_desc *src, struct vring_desc *d)
+{
+    if (aligned(src, 8)) {
+        d->addr = __atomic_load_n(&src->addr, __ATOMIC_RELAXED);
+        d->len = __atomic_load_n(&src->len, __ATOMIC_RELAXED);
+        d->flags = __atomic_load_n(&src->flags, __ATOMIC_RELAXED);
+        d->next = __atomic_load_n(&src->next, __ATOMIC_RELAXED);
+        return;
+    }
+    const volatile uint8_t *s = (const volatile uint8_t *)src;
+    uint8_t tmp[sizeof(*d)];
+    for (size_t i = 0; i < sizeof(tmp); i++)
+        tmp[i] = s[i];
+    memcpy(d, tmp, sizeof(tmp));
+}
+
+struct walk {
+    const struct vring_desc *table;
+    uint32_t table_size;
+    uint32_t count;      /* descriptors visited in this table */
+    bool in_indirect;
+    int niov;
+    uint64_t out_len;
+    uint64_t in_len;
+};
+
+static int enter_indirect(const vhd_vring *vr, struct walk *w, const struct vring_desc *d)
+{
+    if (!vr->indirect || w->in_indirect || (d->flags & VRING_DESC_F_NEXT))
+        return VHD_ERR_INDIRECT;
+    if (d->len == 0 || d->len % sizeof(struct vring_desc) != 0)
+        return VHD_ERR_INDIRECT;
+    const struct vring_desc *table = vhd_mem_gpa_to_hva(vr->mem, d->addr, d->len);
+    if (!table)
+        return VHD_ERR_ADDR;
+    w->table = table;
+    w->table_size = d->len / sizeof(struct vring_desc);
+    w->count = 0;
+    w->in_indirect = true;
+    return 0;
+}
+
+static int add_buffer(const vhd_vring *vr, struct walk *w, struct vhd_chain *c,
+                      const struct vring_desc *d)
+{
+    bool writable = d->flags & VRING_DESC_F_WRITE;
+    if (!writable && c->n_in > 0)
+        return VHD_ERR_ORDER;
+    int n = vhd_mem_gpa_to_iov(vr->mem, d->addr, d->len, &c->iov[w->niov], VHD_MAX_IOV - w->niov);
+    if (n == -ENOBUFS)
+        return VHD_ERR_IOV;
+    if (n < 0)
+        return VHD_ERR_ADDR;
+    w->niov += n;
+    if (writable) {
+        c->n_in += (uint16_t)n;
+        w->in_len += d->len;
+    } else {
+        c->n_out += (uint16_t)n;
+        w->out_len += d->len;
+    }
+    if (w->in_len > UINT32_MAX || w->out_len > UINT32_MAX)
+        return VHD_ERR_LEN;
+    return 0;
+}
+
+static int walk_chain(const vhd_vring *vr, struct vhd_chain *c, uint16_t head)
+{
+    struct walk w = { .table = vr->desc, .table_size = vr->num };
+    uint32_t i = head;
+    c->n_out = c->n_in = 0;
+    for (;;) {
+        /* A chain can visit each table entry at most once: more is a loop. */
+        if (++w.count > w.table_size)
+            return VHD_ERR_CHAIN_LEN;
+        struct vring_desc d;
+        read_desc(&w.table[i], &d);
+        int rc;
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            rc = enter_indirect(vr, &w, &d);
+            if (rc < 0)
+                return rc;
+            i = 0;
+            continue;
+        }
+        rc = add_buffer(vr, &w, c, &d);
+        if (rc < 0)
+            return rc;
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            break;
+        i = d.next;
+        if (i >= w.table_size)
+            return VHD_ERR_NEXT;
+    }
+    c->out_len = (uint32_t)w.out_len;
+    c->in_len = (uint32_t)w.in_len;
+    return 0;
+}
+
+int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *c)
+{
+    if (vr->stats.broken)
+        return (int)vr->stats.broken;
+    uint16_t avail_idx = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
+    uint16_t pending = (uint16_t)(avail_idx - vr->last_avail_idx);
+    if (pending == 0)
+        return VHD_POP_EMPTY;
+    if (pending > vr->num) {
+        vhd_vring_set_broken(vr, VHD_ERR_AVAIL_IDX);
+        return VHD_ERR_AVAIL_IDX;
+    }
+    uint16_t head = vhd_load16(&vr->avail->ring[vr->last_avail_idx & vr->mask]);
+    if (head >= vr->num) {
+        vhd_vring_set_broken(vr, VHD_ERR_HEAD);
+        return VHD_ERR_HEAD;
+    }
+    c->head = head;
+    int rc = walk_chain(vr, c, head);
+    if (rc < 0) {
+        vhd_vring_set_broken(vr, rc);
+        return rc;
+    }
+    vr->last_avail_idx++;
+    return VHD_POP_OK;
+}
+
+void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len)
+{
+    struct vring_used_elem *e = &vr->used->ring[vr->used_idx & vr->mask];
+    __atomic_store_n(&e->id, (uint32_t)head, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->len, len, __ATOMIC_RELAXED);
+    vr->used_idx++;
+}
+
+/* virtio 1.2 2.7.10: notify iff new_idx passed event_idx since old_idx. */
+static bool vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+static bool need_call(vhd_vring *vr)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!vr->event_idx)
+        return !(vhd_load16(&vr->avail->flags) & VRING_AVAIL_F_NO_INTERRUPT);
+    uint16_t used_event = vhd_load16(&vr->avail->ring[vr->num]);
+    uint16_t old = vr->signalled_used;
+    bool valid = vr->signalled_used_valid;
+    vr->signalled_used = vr->used_idx;
+    vr->signalled_used_valid = true;
+    return !valid || vring_need_event(used_event, vr->used_idx, old);
+}
+
+void vhd_vring_flush(vhd_vring *vr)
+{
+    if (vr->published_idx == vr->used_idx)
+        return;
+    __atomic_store_n(&vr->used->idx, vr->used_idx, __ATOMIC_RELEASE);
+    vr->published_idx = vr->used_idx;
+    vr->stats.batches++;
+    if (vr->call_fd >= 0 && need_call(vr)) {
+        eventfd_write(vr->call_fd, 1);
+        vr->stats.calls++;
+    }
+}
+
+static uint16_t *avail_event(vhd_vring *vr)
+{
+    return (uint16_t *)&vr->used->ring[vr->num];
+}
+
+void vhd_vring_disable_notify(vhd_vring *vr)
+{
+    if (!vr->event_idx)
+        vhd_store16(&vr->used->flags, VRING_USED_F_NO_NOTIFY);
+    /* With EVENT_IDX, avail_event already lags the driver: no store needed. */
+}
+
+int vhd_vring_enable_notify(vhd_vring *vr)
+{
+    if (vr->event_idx)
+        vhd_store16(avail_event(vr), vr->last_avail_idx);
+    else
+        vhd_store16(&vr->used->flags, 0);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
+}
+
+uint16_t vhd_vring_last_avail_idx(const vhd_vring *vr)
+{
+    return vr->last_avail_idx;
+}
+
+uint16_t vhd_vring_used_idx(const vhd_vring *vr)
+{
+    return vr->used_idx;
+}
+
+const struct vhd_vring_stats *vhd_vring_stats(const vhd_vring *vr)
+{
+    return &vr->stats;
+}

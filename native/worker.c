@@ -1,0 +1,150 @@
+/* One native thread per started ring.  It sleeps in epoll on the ring's
+ * kick eventfd and a private stop eventfd, drains the ring on every wake-up
+ * and never touches Python or the GIL.  Python starts it when a ring becomes
+ * ready and stops it (joining) before changing anything the ring uses. */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "vhd.h"
+
+/* How often a ring whose front-end gave no kick fd is polled. */
+#define VHD_POLL_INTERVAL_MS 1
+/* Chains handled before used->idx is published and the guest notified. */
+#define VHD_BATCH 64
+
+struct vhd_worker {
+    pthread_t thread;
+    int stop_fd;
+    int epoll_fd;
+    int kick_fd;
+    vhd_vring *vr;
+    int dev_kind;
+    void *dev;
+};
+
+static void handle_chain(vhd_vring *vr, int dev_kind, void *dev, struct vhd_chain *c)
+{
+    switch (dev_kind) {
+    case VHD_DEV_BLK:
+        vhd_blk_handle(dev, vr, c);
+        break;
+    default:
+        vhd_vring_push(vr, c->head, 0);
+        break;
+    }
+}
+
+int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
+{
+    struct vhd_chain chain;
+    int total = 0;
+    for (;;) {
+        vhd_vring_disable_notify(vr);
+        int batch = 0;
+        int rc = VHD_POP_OK;
+        while (batch < VHD_BATCH && (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
+            handle_chain(vr, dev_kind, dev, &chain);
+            batch++;
+        }
+        total += batch;
+        vhd_vring_flush(vr);
+        if (rc < 0)
+            return total;   /* broken: err_fd was signalled, stay quiet */
+        if (batch == VHD_BATCH)
+            continue;
+        if (!vhd_vring_enable_notify(vr))
+            return total;
+    }
+}
+
+static void drain_eventfd(int fd)
+{
+    eventfd_t v;
+    (void)eventfd_read(fd, &v);
+}
+
+static void *worker_main(void *arg)
+{
+    vhd_worker *w = arg;
+    /* Kicks that came while the ring was stopped or disabled are not lost:
+     * the ring is always looked at once when the worker starts. */
+    vhd_process_ring(w->vr, w->dev_kind, w->dev);
+    int timeout = w->kick_fd < 0 ? VHD_POLL_INTERVAL_MS : -1;
+    for (;;) {
+        struct epoll_event ev[2];
+        int n = epoll_wait(w->epoll_fd, ev, 2, timeout);
+        if (n < 0 && errno != EINTR)
+            break;
+        for (int i = 0; i < n; i++) {
+            if (ev[i].data.fd == w->stop_fd)
+                return NULL;
+            drain_eventfd(w->kick_fd);
+            w->vr->stats.kicks++;
+        }
+        vhd_process_ring(w->vr, w->dev_kind, w->dev);
+    }
+    return NULL;
+}
+
+static int watch(int epoll_fd, int fd)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.fd = fd };
+    return epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev);
+}
+
+static void worker_free(vhd_worker *w)
+{
+    if (w->epoll_fd >= 0)
+        close(w->epoll_fd);
+    if (w->stop_fd >= 0)
+        close(w->stop_fd);
+    free(w);
+}
+
+vhd_worker *vhd_worker_start(vhd_vring *vr, int dev_kind, void *dev, int kick_fd, int *err)
+{
+    vhd_worker *w = calloc(1, sizeof(*w));
+    if (!w) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    w->vr = vr;
+    w->dev_kind = dev_kind;
+    w->dev = dev;
+    w->kick_fd = kick_fd;
+    w->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (w->stop_fd < 0 || w->epoll_fd < 0 || watch(w->epoll_fd, w->stop_fd) < 0 ||
+        (kick_fd >= 0 && watch(w->epoll_fd, kick_fd) < 0)) {
+        *err = -errno;
+        worker_free(w);
+        return NULL;
+    }
+    /* Signals belong to Python's main thread: the worker inherits a full mask. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&w->thread, NULL, worker_main, w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        *err = -rc;
+        worker_free(w);
+        return NULL;
+    }
+    *err = 0;
+    return w;
+}
+
+void vhd_worker_stop(vhd_worker *w)
+{
+    if (!w)
+        return;
+    eventfd_write(w->stop_fd, 1);
+    pthread_join(w->thread, NULL);
+    worker_free(w);
+}

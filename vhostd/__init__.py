@@ -1,0 +1,1 @@
+"""vhostd: a vhost-user back-end daemon for virtio-blk and virtio-net."""

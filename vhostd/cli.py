@@ -1,0 +1,149 @@
+"""Command line (QEMU's vhost-user back-end program conventions:
+--socket-path / --fd, --print-capabilities, never daemonize)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from vhostd.daemon import DeviceServer, Listener, run_daemon
+from vhostd.devices.blk import MAX_QUEUES, BlkDevice, BlkOptions
+
+DEFAULT_IMAGE_SIZE = 1 << 30
+
+
+def _setup_logging(level: str) -> None:
+    # journald adds its own timestamps; a terminal gets them from us.
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s vhostd %(levelname)s %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True, help="Least severe messages to log.")
+def main(log_level: str) -> None:
+    """vhostd: a vhost-user back-end for virtio-blk and virtio-net devices.
+
+    QEMU connects to vhostd's Unix socket and shares guest memory; vhostd
+    moves the data in native threads.  `vhostd serve` starts a default disk;
+    `vhostd blk` serves one disk image or block device.
+    """
+    _setup_logging(log_level)
+
+
+def _listener(socket_path: Path | None, fd: int | None) -> Listener:
+    if (socket_path is None) == (fd is None):
+        raise click.UsageError("give exactly one of --socket-path and --fd")
+    return Listener(socket_path=socket_path, fd=fd)
+
+
+def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
+    for s in servers:
+        try:
+            s.listener.open()
+        except OSError as e:
+            raise click.ClickException(f"{s.device.name}: cannot listen on {s.listener.describe()}: {e}")
+
+    def ready() -> None:
+        for s in servers:
+            logging.getLogger("vhostd").info("%s: listening on %s", s.device.name, s.listener.describe())
+        if banner:
+            click.echo(banner)
+
+    trio.run(run_daemon, servers, ready)
+
+
+@main.command()
+@click.option("--socket-path", type=click.Path(path_type=Path), help="Unix socket to listen on.")
+@click.option("--fd", type=int, help="Inherited listening Unix socket fd (instead of --socket-path).")
+@click.option("--file", "--blk-file", "file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Disk image (regular file) or block device to serve.")
+@click.option("--read-only", is_flag=True, help="Offer VIRTIO_BLK_F_RO and refuse writes.")
+@click.option("--num-queues", type=click.IntRange(1, MAX_QUEUES), default=1, show_default=True,
+              help="Request queues (multi-queue).")
+@click.option("--serial", default="", help="Serial number the guest sees (GET_ID, up to 20 bytes).")
+@click.option("--name", default="blk0", show_default=True, help="Device name used in logs.")
+@click.option("--print-capabilities", is_flag=True,
+              help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
+def blk(socket_path: Path | None, fd: int | None, file: Path | None, read_only: bool,
+        num_queues: int, serial: str, name: str, print_capabilities: bool) -> None:
+    """Serve a virtio-blk device backed by FILE.
+
+    \b
+    QEMU side:
+      -chardev socket,id=blk0,path=SOCKET
+      -device vhost-user-blk-pci,chardev=blk0,num-queues=N
+    with guest RAM shared, e.g.
+      -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
+    """
+    if print_capabilities:
+        click.echo(json.dumps({"type": "block", "features": ["read-only", "blk-file"]}, indent=2))
+        return
+    if file is None:
+        raise click.UsageError("--file is required")
+    listener = _listener(socket_path, fd)
+    try:
+        device = BlkDevice(name, BlkOptions(path=file, read_only=read_only,
+                                            num_queues=num_queues, serial=serial))
+    except ValueError as e:
+        raise click.ClickException(f"{name}: {e}")
+    _run([DeviceServer(device, listener)])
+
+
+def _default_dirs() -> tuple[Path, Path]:
+    """(state dir for images, runtime dir for sockets): systemd's, else per user."""
+    if os.geteuid() == 0:
+        state, run = Path("/var/lib/vhostd"), Path("/run/vhostd")
+    else:
+        state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "vhostd"
+        run = Path(os.environ.get("XDG_RUNTIME_DIR", str(state))) / "vhostd"
+    state = Path(os.environ.get("STATE_DIRECTORY", state))
+    run = Path(os.environ.get("RUNTIME_DIRECTORY", run))
+    return state, run
+
+
+def qemu_blk_options(socket_path: Path, num_queues: int) -> str:
+    return (
+        "-object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem -m 1G \\\n"
+        f"  -chardev socket,id=vhostd-disk0,path={socket_path} \\\n"
+        f"  -device vhost-user-blk-pci,chardev=vhostd-disk0,num-queues={num_queues}"
+    )
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Where the default disk image lives [default: $STATE_DIRECTORY, "
+                   "/var/lib/vhostd as root, ~/.local/state/vhostd otherwise].")
+@click.option("--socket-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Where the sockets are created [default: $RUNTIME_DIRECTORY, "
+                   "/run/vhostd as root, $XDG_RUNTIME_DIR/vhostd otherwise].")
+def serve(state_dir: Path | None, socket_dir: Path | None) -> None:
+    """Serve the built-in default: one disk (disk0) on a sparse 1 GiB image.
+
+    The image is created on first start in the state directory and kept
+    across restarts.  The QEMU options that attach a guest are printed.
+    """
+    default_state, default_run = _default_dirs()
+    state_dir = state_dir or default_state
+    socket_dir = socket_dir or default_run
+    for d in (state_dir, socket_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    image = state_dir / "disk0.img"
+    if not image.exists():
+        with open(image, "wb") as f:
+            f.truncate(DEFAULT_IMAGE_SIZE)
+        logging.getLogger("vhostd").info("created sparse %d MiB image %s", DEFAULT_IMAGE_SIZE >> 20, image)
+    num_queues = min(2, os.cpu_count() or 1)
+    sock = socket_dir / "disk0.sock"
+    device = BlkDevice("disk0", BlkOptions(path=image, num_queues=num_queues, serial="vhostd-disk0"))
+    banner = (f"vhostd: serving disk0 ({image}, {DEFAULT_IMAGE_SIZE >> 30} GiB) on {sock}\n"
+              f"Attach a QEMU guest with:\n  qemu-system-x86_64 ... {qemu_blk_options(sock, num_queues)}\n"
+              "Stop with Ctrl-C or SIGTERM.")
+    _run([DeviceServer(device, Listener(socket_path=sock))], banner)

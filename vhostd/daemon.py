@@ -1,0 +1,138 @@
+"""Daemon lifecycle: listening sockets, one front-end per device at a time,
+signals and clean shutdown.
+
+Each device gets a listener task.  A connection starts a ``Session``; when
+the front-end goes away the session releases everything it set up and the
+next connection is accepted, without restarting the daemon.  A second
+front-end while one is attached is refused with a log line.  SIGTERM and
+SIGINT cancel everything; sessions finish closing (shielded) and socket
+files vhostd created are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from vhostd.devices.base import Device
+from vhostd.protocol.channel import Channel
+from vhostd.protocol.session import Session
+
+log = logging.getLogger("vhostd")
+
+
+@dataclass
+class Listener:
+    """Where a device's front-ends connect: a path vhostd binds, or an inherited fd."""
+
+    socket_path: Path | None = None
+    fd: int | None = None
+    sock: trio.socket.SocketType | None = field(default=None, repr=False)
+
+    def open(self) -> None:
+        if self.fd is not None:
+            s = socket.socket(fileno=self.fd)
+            if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
+                s.detach()
+                raise OSError(f"fd {self.fd} is not a Unix stream socket")
+            self.sock = trio.socket.from_stdlib_socket(s)
+            return
+        assert self.socket_path is not None
+        path = self.socket_path
+        _remove_stale_socket(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(str(path))
+            os.chmod(path, 0o600)   # before listen(): nobody else can connect
+            s.listen(4)
+        except OSError:
+            s.close()
+            raise
+        self.sock = trio.socket.from_stdlib_socket(s)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            if self.socket_path is not None:
+                try:
+                    self.socket_path.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def describe(self) -> str:
+        return str(self.socket_path) if self.socket_path is not None else f"fd {self.fd}"
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket")
+    path.unlink()
+
+
+class DeviceServer:
+    """Accepts front-ends for one device, one at a time."""
+
+    def __init__(self, device: Device, listener: Listener) -> None:
+        self.device = device
+        self.listener = listener
+        self.session: Session | None = None
+        self.connections = 0
+
+    async def serve(self) -> None:
+        assert self.listener.sock is not None
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await self.listener.sock.accept()
+                if self.session is not None:
+                    log.warning("%s: refusing a second front-end: one is already connected",
+                                self.device.name)
+                    conn.close()
+                    continue
+                self.connections += 1
+                self.session = Session(self.device, Channel(conn))
+                log.info("%s: front-end connected on %s", self.device.name, self.listener.describe())
+                nursery.start_soon(self._run_session, self.session, conn)
+
+    async def _run_session(self, session: Session, conn: trio.socket.SocketType) -> None:
+        try:
+            await session.run()
+        finally:
+            conn.close()
+            self.session = None
+
+
+async def run_daemon(servers: Sequence[DeviceServer],
+                     on_ready: Callable[[], None] | None = None) -> None:
+    """Serves all devices until SIGTERM/SIGINT.  Listeners must be open."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_wait_for_signal, nursery.cancel_scope)
+            for server in servers:
+                nursery.start_soon(server.serve)
+            if on_ready is not None:
+                on_ready()
+    finally:
+        for server in servers:
+            server.listener.close()
+            server.device.close()
+
+
+async def _wait_for_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return

@@ -1,0 +1,80 @@
+"""The small interface between the vhost-user protocol layer and a device.
+
+The session (protocol) owns rings, memory and negotiation; a device says
+what it offers (features, queues, config space) and hands out the native
+back-end each ring's worker calls into.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from typing import Any
+
+from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit
+
+
+class DeviceType(enum.Enum):
+    """Names as in vhost-user.rst's back-end program conventions."""
+
+    BLOCK = "block"
+    NET = "net"
+
+
+class DeviceError(Exception):
+    """A request the device refuses without the connection being at fault."""
+
+
+# Offered by every vhostd device.
+COMMON_FEATURES = (
+    bit(VirtioFeature.VERSION_1)
+    | bit(VirtioFeature.RING_INDIRECT_DESC)
+    | bit(VirtioFeature.RING_EVENT_IDX)
+    | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
+)
+COMMON_PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+)
+
+
+class Device(abc.ABC):
+    device_type: DeviceType
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    @abc.abstractmethod
+    def num_queues(self) -> int: ...
+
+    @abc.abstractmethod
+    def features(self) -> int:
+        """virtio feature bits offered (GET_FEATURES)."""
+
+    def protocol_features(self) -> int:
+        return COMMON_PROTOCOL_FEATURES
+
+    @abc.abstractmethod
+    def config(self) -> bytes:
+        """The device's virtio config space."""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG: bytes outside the config space read as zero."""
+        data = self.config()[offset: offset + size]
+        return data + bytes(size - len(data))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        raise DeviceError(f"config space is read-only (write of {len(data)} bytes at {offset})")
+
+    @abc.abstractmethod
+    def queue_backend(self, index: int) -> tuple[int, Any]:
+        """(device kind, C pointer) the native worker of ring ``index`` uses."""
+
+    def on_features(self, features: int) -> None:
+        """The front-end acknowledged these features (SET_FEATURES)."""
+
+    def on_disconnect(self) -> None:
+        """The front-end went away; forget per-connection state."""
+
+    def close(self) -> None:
+        """Release back-end resources (the daemon is done with the device)."""

@@ -1,0 +1,168 @@
+"""Thin typed layer over the cffi module ``vhostd._native``.
+
+One error idiom: a negative errno from C becomes ``NativeError``.  Objects
+own their C allocation and free it in ``close()``; the caller decides when
+(workers must be stopped before the memory or ring they use is freed).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from vhostd._native import ffi, lib
+
+MAX_MEM_REGIONS: int = lib.VHD_MAX_MEM_REGIONS
+MAX_QUEUE_SIZE: int = lib.VHD_MAX_QUEUE_SIZE
+MAX_IOV: int = lib.VHD_MAX_IOV
+
+# Names of vhd_vring_pop()'s guest errors, for logs and status.
+RING_ERRORS: dict[int, str] = {
+    lib.VHD_ERR_AVAIL_IDX: "avail idx moved by more than the ring size",
+    lib.VHD_ERR_HEAD: "head index out of range",
+    lib.VHD_ERR_NEXT: "desc.next out of range",
+    lib.VHD_ERR_CHAIN_LEN: "descriptor chain longer than its table (loop)",
+    lib.VHD_ERR_ADDR: "buffer outside guest memory",
+    lib.VHD_ERR_INDIRECT: "bad indirect descriptor table",
+    lib.VHD_ERR_ORDER: "device-readable descriptor after a device-writable one",
+    lib.VHD_ERR_IOV: "chain has too many segments",
+    lib.VHD_ERR_LEN: "chain length does not fit 32 bits",
+}
+
+
+class NativeError(OSError):
+    pass
+
+
+def check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise NativeError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+class MemTable:
+    """``vhd_mem``: the guest memory translation table the C side uses."""
+
+    def __init__(self) -> None:
+        ptr = lib.vhd_mem_new()
+        if ptr == ffi.NULL:
+            raise NativeError(errno.ENOMEM, "vhd_mem_new")
+        self.ptr: Any = ptr
+
+    def add(self, fd: int, gpa: int, size: int, uva: int, mmap_offset: int) -> None:
+        check(lib.vhd_mem_add(self.ptr, fd, gpa, size, uva, mmap_offset), "mmap guest region")
+
+    def __len__(self) -> int:
+        return int(lib.vhd_mem_count(self.ptr))
+
+    def gpa_to_hva(self, gpa: int, length: int) -> int | None:
+        p = lib.vhd_mem_gpa_to_hva(self.ptr, gpa, length)
+        return None if p == ffi.NULL else int(ffi.cast("uintptr_t", p))
+
+    def uva_to_hva(self, uva: int, length: int) -> int | None:
+        p = lib.vhd_mem_uva_to_hva(self.ptr, uva, length)
+        return None if p == ffi.NULL else int(ffi.cast("uintptr_t", p))
+
+    def gpa_to_iov(self, gpa: int, length: int, max_iov: int = 16) -> list[tuple[int, int]]:
+        iov = ffi.new("struct iovec[]", max_iov)
+        n = check(lib.vhd_mem_gpa_to_iov(self.ptr, gpa, length, iov, max_iov), "translate")
+        return [(int(ffi.cast("uintptr_t", iov[i].iov_base)), int(iov[i].iov_len)) for i in range(n)]
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_mem_free(ptr)
+
+
+@dataclass(frozen=True)
+class VringStats:
+    requests: int
+    bytes_read: int
+    bytes_written: int
+    errors: int
+    kicks: int
+    calls: int
+    batches: int
+    broken: int
+
+    @property
+    def broken_reason(self) -> str | None:
+        return RING_ERRORS.get(self.broken, f"error {self.broken}") if self.broken else None
+
+
+class NativeVring:
+    """``vhd_vring``: one split virtqueue's device-side state."""
+
+    def __init__(self) -> None:
+        ptr = lib.vhd_vring_new()
+        if ptr == ffi.NULL:
+            raise NativeError(errno.ENOMEM, "vhd_vring_new")
+        self.ptr: Any = ptr
+
+    def setup(self, mem: MemTable, *, num: int, desc: int, avail: int, used: int,
+              last_avail_idx: int, event_idx: bool, indirect: bool,
+              call_fd: int, err_fd: int) -> None:
+        cfg = ffi.new("struct vhd_vring_config *", {
+            "num": num, "desc_uva": desc, "avail_uva": avail, "used_uva": used,
+            "last_avail_idx": last_avail_idx, "event_idx": int(event_idx),
+            "indirect": int(indirect), "call_fd": call_fd, "err_fd": err_fd,
+        })
+        check(lib.vhd_vring_setup(self.ptr, mem.ptr, cfg), "vring setup")
+
+    @property
+    def last_avail_idx(self) -> int:
+        return int(lib.vhd_vring_last_avail_idx(self.ptr))
+
+    @property
+    def used_idx(self) -> int:
+        return int(lib.vhd_vring_used_idx(self.ptr))
+
+    def stats(self) -> VringStats:
+        s = lib.vhd_vring_stats(self.ptr)
+        return VringStats(s.requests, s.bytes_read, s.bytes_written, s.errors,
+                          s.kicks, s.calls, s.batches, s.broken)
+
+    def process(self, dev_kind: int, dev: Any) -> int:
+        """Drain the ring once in this thread (tests; workers do it natively)."""
+        return int(lib.vhd_process_ring(self.ptr, dev_kind, dev))
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_vring_free(ptr)
+
+
+class Worker:
+    """``vhd_worker``: a native thread serving one ring."""
+
+    def __init__(self, vring: NativeVring, dev_kind: int, dev: Any, kick_fd: int) -> None:
+        err = ffi.new("int *")
+        ptr = lib.vhd_worker_start(vring.ptr, dev_kind, dev, kick_fd, err)
+        if ptr == ffi.NULL:
+            check(err[0], "start ring worker")
+        self.ptr: Any = ptr
+
+    def stop(self) -> None:
+        """Stops after the current batch and joins (blocks: call off the event loop)."""
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_worker_stop(ptr)
+
+
+class NativeBlk:
+    """``vhd_blk``: request handling for one virtio-blk back-end file."""
+
+    kind: int = lib.VHD_DEV_BLK
+
+    def __init__(self, fd: int, capacity_sectors: int, readonly: bool, serial: bytes) -> None:
+        ptr = lib.vhd_blk_new(fd, capacity_sectors, int(readonly), serial, len(serial))
+        if ptr == ffi.NULL:
+            raise NativeError(errno.ENOMEM, "vhd_blk_new")
+        self.ptr: Any = ptr
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_blk_free(ptr)

@@ -1,0 +1,76 @@
+"""Reading and writing vhost-user messages on a trio Unix socket.
+
+Fds travel as SCM_RIGHTS with the first bytes of a message.  They are
+received with MSG_CMSG_CLOEXEC and wrapped in ``OwnedFd`` immediately, so
+every exit path can close them; a truncated control message (more fds than
+any request may carry) is a protocol error.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+
+import trio
+
+from vhostd.fds import OwnedFd, close_all
+from vhostd.protocol.constants import HEADER_SIZE, MAX_MEM_REGIONS, MAX_PAYLOAD
+from vhostd.protocol.messages import Header, Message, ProtocolError, check_header, decode
+
+_FD_SIZE = array.array("i").itemsize
+# Room for one more fd than any request may carry, so "too many" is visible.
+_CMSG_SPACE = socket.CMSG_SPACE((MAX_MEM_REGIONS + 1) * _FD_SIZE)
+
+
+class Disconnected(Exception):
+    """The front-end closed the connection at a message boundary."""
+
+
+class Channel:
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+
+    async def _recv_exact(self, n: int, fds: list[OwnedFd], what: str) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            data, ancdata, flags, _ = await self.sock.recvmsg(
+                n - len(buf), _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+            fds.extend(_fds_from(ancdata))
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError(None, "too many fds attached (control data truncated)")
+            if not data:
+                if not buf and what == "header":
+                    raise Disconnected()
+                raise ProtocolError(None, f"connection closed inside a message {what}")
+            buf += data
+        return bytes(buf)
+
+    async def recv(self) -> Message:
+        """Next validated message; raises Disconnected or ProtocolError."""
+        fds: list[OwnedFd] = []
+        try:
+            header = Header.unpack(await self._recv_exact(HEADER_SIZE, fds, "header"))
+            if header.size > MAX_PAYLOAD:
+                raise ProtocolError(header.request, f"payload size {header.size} > {MAX_PAYLOAD}")
+            check_header(header)   # reject before reading a payload we would not accept
+            payload = await self._recv_exact(header.size, fds, "payload") if header.size else b""
+        except BaseException:
+            close_all(fds)
+            raise
+        return decode(header, payload, fds)
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = await self.sock.send(view)
+            view = view[n:]
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
+    fds: list[OwnedFd] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+            fds.extend(OwnedFd(fd) for fd in arr)
+    return fds

@@ -1,0 +1,332 @@
+"""One front-end connection driving one device (vhost-user.rst).
+
+The session owns everything the front-end set up: negotiated features,
+guest memory and the rings.  It knows the device only through
+``vhostd.devices.base.Device``.  Protocol violations raise
+``ProtocolError`` and end the session; ``DeviceError`` fails just that
+request (acked with an error when REPLY_ACK asked for it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from vhostd.devices.base import Device, DeviceError
+from vhostd.fds import OwnedFd
+from vhostd.memory import GuestMemory, GuestMemoryError
+from vhostd.protocol.channel import Channel, Disconnected
+from vhostd.protocol.constants import (
+    MAX_QUEUE_SIZE,
+    ProtocolFeature,
+    Request,
+    VirtioFeature,
+    bit,
+)
+from vhostd.protocol.messages import (
+    SPECS,
+    Config,
+    MemTable,
+    Message,
+    ProtocolError,
+    U64,
+    VringAddr,
+    VringState,
+    encode_reply,
+    vring_index_of,
+)
+from vhostd.native import MAX_MEM_REGIONS
+from vhostd.vring import Vring, VringError
+
+log = logging.getLogger("vhostd.session")
+
+Handler = Callable[[Message], Awaitable[bytes | None]]
+VHOST_VRING_F_LOG = 0x1
+
+
+class Session:
+    def __init__(self, device: Device, channel: Channel) -> None:
+        self.device = device
+        self.channel = channel
+        self.features = 0            # acked virtio features (SET_FEATURES)
+        self.protocol_features = 0   # acked protocol features
+        self.mem: GuestMemory | None = None
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self._handlers: dict[Request, Handler] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+        }
+        assert set(self._handlers) == set(SPECS), "every accepted request needs a handler"
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serves messages until the front-end disconnects or misbehaves."""
+        try:
+            while True:
+                try:
+                    msg = await self.channel.recv()
+                except Disconnected:
+                    log.info("%s: front-end disconnected", self.device.name)
+                    return
+                await self._dispatch(msg)
+        except ProtocolError as e:
+            log.error("%s: closing connection: %s", self.device.name, e)
+        finally:
+            with trio.CancelScope(shield=True):   # workers must be joined even on shutdown
+                await self.close()
+
+    async def close(self) -> None:
+        for vr in self.vrings:
+            await vr.stop()
+        for vr in self.vrings:
+            vr.close()
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+        self.device.on_disconnect()
+
+    async def _dispatch(self, msg: Message) -> None:
+        log.debug("%s: %s %s fds=%d", self.device.name, msg.request.spec_name, msg.payload, len(msg.fds))
+        try:
+            reply = await self._handlers[msg.request](msg)
+            status = 0
+        except DeviceError as e:
+            log.warning("%s: %s failed: %s", self.device.name, msg.request.spec_name, e)
+            reply, status = None, 1
+        finally:
+            for fd in msg.fds:   # a handler that keeps an fd removes it from msg.fds
+                fd.close()
+        if SPECS[msg.request].reply is not None:
+            if reply is None:
+                raise ProtocolError(msg.request, "no reply could be produced")
+            await self.channel.send(encode_reply(msg.request, reply))
+        elif msg.need_reply and self.protocol_features & bit(ProtocolFeature.REPLY_ACK):
+            await self.channel.send(encode_reply(msg.request, U64(status).pack()))
+
+    # --- helpers -----------------------------------------------------------
+
+    def _has_feature(self, f: VirtioFeature) -> bool:
+        return bool(self.features & bit(f))
+
+    def _vring(self, request: Request, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise ProtocolError(request, f"ring index {index} out of range (device has {len(self.vrings)})")
+        return self.vrings[index]
+
+    def _start_if_ready(self, vr: Vring) -> None:
+        if vr.running or not vr.can_run(self.mem):
+            return
+        assert self.mem is not None
+        kind, dev = self.device.queue_backend(vr.index)
+        try:
+            vr.start(self.mem, event_idx=self._has_feature(VirtioFeature.RING_EVENT_IDX),
+                     indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC),
+                     dev_kind=kind, dev=dev)
+        except VringError as e:
+            raise ProtocolError(None, str(e)) from None
+        log.info("%s: ring %d started (size %d, base %d)", self.device.name, vr.index, vr.num, vr.last_avail_idx)
+
+    async def _restart(self, vr: Vring) -> None:
+        """Stop and start again so the worker picks up changed state."""
+        if vr.running:
+            await vr.stop()
+            self._start_if_ready(vr)
+
+    # --- features and ownership ---------------------------------------------
+
+    async def _get_features(self, msg: Message) -> bytes:
+        return U64(self.device.features()).pack()
+
+    async def _set_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        offered = self.device.features()
+        if msg.payload.value & ~offered:
+            raise ProtocolError(msg.request, f"features {msg.payload.value & ~offered:#x} were not offered")
+        self.features = msg.payload.value
+        if not self._has_feature(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
+            # Without protocol features rings start enabled (vhost-user.rst).
+            for vr in self.vrings:
+                vr.enabled = True
+        self.device.on_features(self.features)
+        for vr in self.vrings:
+            await self._restart(vr)
+            self._start_if_ready(vr)
+        return None
+
+    async def _set_owner(self, msg: Message) -> None:
+        return None
+
+    async def _reset_owner(self, msg: Message) -> None:
+        for vr in self.vrings:
+            await vr.stop()
+            vr.close()
+        self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+        self.features = 0
+        return None
+
+    async def _get_protocol_features(self, msg: Message) -> bytes:
+        return U64(self.device.protocol_features()).pack()
+
+    async def _set_protocol_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        offered = self.device.protocol_features()
+        if msg.payload.value & ~offered:
+            raise ProtocolError(msg.request, f"protocol features {msg.payload.value & ~offered:#x} were not offered")
+        self.protocol_features = msg.payload.value
+        return None
+
+    async def _get_queue_num(self, msg: Message) -> bytes:
+        return U64(self.device.num_queues).pack()
+
+    async def _get_max_mem_slots(self, msg: Message) -> bytes:
+        return U64(MAX_MEM_REGIONS).pack()
+
+    # --- memory ----------------------------------------------------------
+
+    async def _set_mem_table(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemTable)
+        fds, msg.fds = msg.fds, []     # GuestMemory takes and closes them
+        try:
+            mem = GuestMemory(msg.payload.regions, fds)
+        except GuestMemoryError as e:
+            raise ProtocolError(msg.request, str(e)) from None
+        running = [vr for vr in self.vrings if vr.running]
+        for vr in running:
+            await vr.stop()
+        old, self.mem = self.mem, mem
+        if old is not None:
+            old.close()
+        for vr in self.vrings:
+            self._start_if_ready(vr)
+        log.info("%s: memory table: %d regions, %d MiB", self.device.name, len(mem.regions), mem.size >> 20)
+        return None
+
+    # --- rings -----------------------------------------------------------
+
+    def _stopped_vring(self, msg: Message, index: int) -> Vring:
+        vr = self._vring(msg.request, index)
+        if vr.running:
+            raise ProtocolError(msg.request, f"ring {index} is running")
+        return vr
+
+    async def _set_vring_num(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vr = self._stopped_vring(msg, msg.payload.index)
+        n = msg.payload.num
+        if n == 0 or n > MAX_QUEUE_SIZE or n & (n - 1):
+            raise ProtocolError(msg.request, f"ring {vr.index}: size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        vr.num = n
+        return None
+
+    async def _set_vring_addr(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringAddr)
+        vr = self._vring(msg.request, msg.payload.index)
+        if msg.payload.flags & ~VHOST_VRING_F_LOG:
+            raise ProtocolError(msg.request, f"ring {vr.index}: unknown flags {msg.payload.flags:#x}")
+        vr.addr = msg.payload
+        await self._restart(vr)
+        self._start_if_ready(vr)
+        return None
+
+    async def _set_vring_base(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vr = self._stopped_vring(msg, msg.payload.index)
+        if msg.payload.num > 0xFFFF:
+            raise ProtocolError(msg.request, f"ring {vr.index}: base {msg.payload.num} does not fit 16 bits")
+        vr.last_avail_idx = msg.payload.num
+        return None
+
+    async def _get_vring_base(self, msg: Message) -> bytes:
+        assert isinstance(msg.payload, VringState)
+        vr = self._vring(msg.request, msg.payload.index)
+        await vr.stop()
+        vr.started = False
+        log.info("%s: ring %d stopped at %d", self.device.name, vr.index, vr.last_avail_idx)
+        return VringState(vr.index, vr.last_avail_idx).pack()
+
+    def _vring_fd(self, msg: Message) -> tuple[Vring, OwnedFd | None]:
+        assert isinstance(msg.payload, U64)
+        try:
+            index, nofd = vring_index_of(msg.payload)
+        except ValueError as e:
+            raise ProtocolError(msg.request, str(e)) from None
+        vr = self._vring(msg.request, index)
+        return vr, (None if nofd else msg.fds.pop())
+
+    async def _set_vring_kick(self, msg: Message) -> None:
+        vr, fd = self._vring_fd(msg)
+        await vr.stop()
+        old, vr.kick = vr.kick, fd
+        if old is not None:
+            old.close()
+        vr.started = True   # no fd: the front-end wants the ring polled
+        self._start_if_ready(vr)
+        return None
+
+    async def _set_vring_call(self, msg: Message) -> None:
+        vr, fd = self._vring_fd(msg)
+        running = vr.running
+        await vr.stop()     # the worker must not signal an fd we are closing
+        old, vr.call = vr.call, fd
+        if old is not None:
+            old.close()
+        if running:
+            self._start_if_ready(vr)
+        return None
+
+    async def _set_vring_err(self, msg: Message) -> None:
+        vr, fd = self._vring_fd(msg)
+        running = vr.running
+        await vr.stop()
+        old, vr.err = vr.err, fd
+        if old is not None:
+            old.close()
+        if running:
+            self._start_if_ready(vr)
+        return None
+
+    async def _set_vring_enable(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vr = self._vring(msg.request, msg.payload.index)
+        if not self._has_feature(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
+            raise ProtocolError(msg.request, "sent without VHOST_USER_F_PROTOCOL_FEATURES")
+        if msg.payload.num not in (0, 1):
+            raise ProtocolError(msg.request, f"ring {vr.index}: enable value {msg.payload.num} is not 0 or 1")
+        vr.enabled = bool(msg.payload.num)
+        if vr.enabled:
+            self._start_if_ready(vr)
+        else:
+            await vr.stop()
+        return None
+
+    # --- config space ------------------------------------------------------
+
+    async def _get_config(self, msg: Message) -> bytes:
+        assert isinstance(msg.payload, Config)
+        c = msg.payload
+        return Config(c.offset, c.size, c.flags, self.device.read_config(c.offset, c.size)).pack()
+
+    async def _set_config(self, msg: Message) -> None:
+        assert isinstance(msg.payload, Config)
+        self.device.write_config(msg.payload.offset, msg.payload.data)
+        return None

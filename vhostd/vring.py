@@ -1,0 +1,84 @@
+"""One virtqueue's vhost-user state, and its native worker.
+
+All the state the front-end set (SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR/
+ENABLE) lives here in plain fields; the C ring (``NativeVring``) is set up
+from it each time the ring starts, and gives back ``last_avail_idx`` when
+it stops.  A ring runs iff it is started (a kick fd, or polling, was set),
+enabled, and has memory, a size and addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from vhostd.fds import OwnedFd, close_all
+from vhostd.memory import GuestMemory
+from vhostd.native import NativeError, NativeVring, VringStats, Worker
+from vhostd.protocol.messages import VringAddr
+
+
+class VringError(Exception):
+    """The front-end configured a ring that cannot run (a protocol error)."""
+
+
+@dataclass
+class Vring:
+    index: int
+    num: int = 0
+    addr: VringAddr | None = None
+    last_avail_idx: int = 0
+    kick: OwnedFd | None = None
+    call: OwnedFd | None = None
+    err: OwnedFd | None = None
+    started: bool = False
+    enabled: bool = False
+    native: NativeVring = field(default_factory=NativeVring)
+    worker: Worker | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def can_run(self, mem: GuestMemory | None) -> bool:
+        return self.started and self.enabled and mem is not None and self.num > 0 and self.addr is not None
+
+    def start(self, mem: GuestMemory, *, event_idx: bool, indirect: bool,
+              dev_kind: int, dev: Any) -> None:
+        assert self.addr is not None and self.worker is None
+        try:
+            self.native.setup(
+                mem.table, num=self.num, desc=self.addr.desc_user_addr,
+                avail=self.addr.avail_user_addr, used=self.addr.used_user_addr,
+                last_avail_idx=self.last_avail_idx, event_idx=event_idx, indirect=indirect,
+                call_fd=_fd_or_minus1(self.call), err_fd=_fd_or_minus1(self.err))
+        except NativeError as e:
+            raise VringError(
+                f"ring {self.index}: size {self.num}, desc {self.addr.desc_user_addr:#x}, "
+                f"avail {self.addr.avail_user_addr:#x}, used {self.addr.used_user_addr:#x}: "
+                f"{'not inside guest memory' if e.errno == 14 else 'misaligned or bad size'}"
+            ) from None
+        self.worker = Worker(self.native, dev_kind, dev, _fd_or_minus1(self.kick))
+
+    async def stop(self) -> None:
+        """Joins the worker (off the event loop) and saves last_avail_idx."""
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            await trio.to_thread.run_sync(worker.stop)
+            self.last_avail_idx = self.native.last_avail_idx
+
+    def stats(self) -> VringStats:
+        return self.native.stats()
+
+    def close(self) -> None:
+        """Releases fds and the C ring; the worker must be stopped."""
+        assert self.worker is None
+        close_all((self.kick, self.call, self.err))
+        self.kick = self.call = self.err = None
+        self.native.close()
+
+
+def _fd_or_minus1(fd: OwnedFd | None) -> int:
+    return -1 if fd is None else fd.fileno()
