@@ -96,6 +96,10 @@ class DeviceServer:
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await self.listener.sock.accept()
+                if self.session is not None and self.session.closing:
+                    # The previous front-end just left (QEMU reconnecting): let
+                    # its session finish releasing the device first.
+                    await self.session.closed.wait()
                 if self.session is not None:
                     log.warning("%s: refusing a second front-end: one is already connected",
                                 self.device.name)

@@ -53,6 +53,8 @@ class Session:
         self.features = 0            # acked virtio features (SET_FEATURES)
         self.protocol_features = 0   # acked protocol features
         self.mem: GuestMemory | None = None
+        self.closing = False
+        self.closed = trio.Event()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self._handlers: dict[Request, Handler] = {
             Request.GET_FEATURES: self._get_features,
@@ -96,6 +98,7 @@ class Session:
                 await self.close()
 
     async def close(self) -> None:
+        self.closing = True
         for vr in self.vrings:
             await vr.stop()
         for vr in self.vrings:
@@ -104,6 +107,7 @@ class Session:
             self.mem.close()
             self.mem = None
         self.device.on_disconnect()
+        self.closed.set()
 
     async def _dispatch(self, msg: Message) -> None:
         log.debug("%s: %s %s fds=%d", self.device.name, msg.request.spec_name, msg.payload, len(msg.fds))
