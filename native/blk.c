@@ -52,46 +52,6 @@ void vhd_blk_free(vhd_blk *blk)
     free(blk);
 }
 
-/* Copies up to len bytes out of iov into dst; returns bytes copied.  Used
- * for the header only, so the guest cannot change it after validation. */
-static size_t iov_to_buf(const struct iovec *iov, int n, void *dst, size_t len)
-{
-    size_t done = 0;
-    for (int i = 0; i < n && done < len; i++) {
-        size_t k = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
-        memcpy((uint8_t *)dst + done, iov[i].iov_base, k);
-        done += k;
-    }
-    return done;
-}
-
-static size_t buf_to_iov(const struct iovec *iov, int n, const void *src, size_t len)
-{
-    size_t done = 0;
-    for (int i = 0; i < n && done < len; i++) {
-        size_t k = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
-        memcpy(iov[i].iov_base, (const uint8_t *)src + done, k);
-        done += k;
-    }
-    return done;
-}
-
-/* Drops the first skip bytes of an iovec array in place; returns the new count. */
-static int iov_skip(struct iovec *iov, int n, size_t skip)
-{
-    int i = 0;
-    while (i < n && skip >= iov[i].iov_len) {
-        skip -= iov[i].iov_len;
-        i++;
-    }
-    if (i < n) {
-        iov[i].iov_base = (uint8_t *)iov[i].iov_base + skip;
-        iov[i].iov_len -= skip;
-    }
-    memmove(iov, iov + i, (size_t)(n - i) * sizeof(*iov));
-    return n - i;
-}
-
 /* preadv/pwritev until all len bytes moved; short transfers advance iov. */
 static int rw_full(int fd, struct iovec *iov, int n, uint64_t off, size_t len, bool write)
 {
@@ -103,7 +63,7 @@ static int rw_full(int fd, struct iovec *iov, int n, uint64_t off, size_t len, b
             return -1;   /* error, or EOF: the file shrank under us */
         off += (uint64_t)r;
         len -= (size_t)r;
-        n = iov_skip(iov, n, (size_t)r);
+        n = vhd_iov_skip(iov, n, (size_t)r);
     }
     return 0;
 }
@@ -156,7 +116,7 @@ int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *c)
     struct virtio_blk_outhdr h;
     uint8_t status;
     uint32_t used_len = 1;
-    if (iov_to_buf(c->iov, c->n_out, &h, sizeof(h)) < sizeof(h)) {
+    if (vhd_iov_to_buf(c->iov, c->n_out, &h, sizeof(h)) < sizeof(h)) {
         status = VIRTIO_BLK_S_IOERR;
     } else {
         switch (h.type) {
@@ -166,7 +126,7 @@ int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *c)
                 used_len += (uint32_t)in_data;
             break;
         case VIRTIO_BLK_T_OUT: {
-            int n_out = iov_skip(c->iov, c->n_out, sizeof(h));
+            int n_out = vhd_iov_skip(c->iov, c->n_out, sizeof(h));
             status = do_rw(blk, vr, &h, c->iov, n_out, c->out_len - sizeof(h), true);
             break;
         }
@@ -174,7 +134,7 @@ int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *c)
             status = fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
             break;
         case VIRTIO_BLK_T_GET_ID:
-            used_len += (uint32_t)buf_to_iov(in, n_in, blk->serial,
+            used_len += (uint32_t)vhd_buf_to_iov(in, n_in, blk->serial,
                                              in_data < VIRTIO_BLK_ID_BYTES ? in_data : VIRTIO_BLK_ID_BYTES);
             status = VIRTIO_BLK_S_OK;
             break;

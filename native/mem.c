@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "vhd.h"
 
@@ -44,6 +45,13 @@ int vhd_mem_add(vhd_mem *mem, int fd, uint64_t gpa, uint64_t size,
             ranges_overlap(uva, size, r->uva, r->size))
             return -EINVAL;
     }
+    /* Touching a MAP_SHARED page past the end of its file raises SIGBUS: a
+     * regular file (memfd, hugetlbfs, tmpfs) must back the whole range. */
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < mmap_offset + size)
+        return -EINVAL;
     /* Map from offset 0 and add mmap_offset ourselves: the offset need not
      * be page aligned (QEMU passes non-aligned offsets for some layouts). */
     size_t map_len = (size_t)(mmap_offset + size);

@@ -89,4 +89,9 @@ static inline void vhd_store16(uint16_t *p, uint16_t v)
     __atomic_store_n(p, v, __ATOMIC_RELAXED);
 }
 
+/* iov.c */
+size_t vhd_iov_to_buf(const struct iovec *iov, int n, void *dst, size_t len);
+size_t vhd_buf_to_iov(const struct iovec *iov, int n, const void *src, size_t len);
+int vhd_iov_skip(struct iovec *iov, int n, size_t skip);
+
 #endif

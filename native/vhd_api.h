@@ -93,6 +93,8 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem,
                     const struct vhd_vring_config *cfg);
 int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *chain);
 void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len);
+/* Gives back the last n popped chains (not pushed) so they are popped again. */
+void vhd_vring_unpop(vhd_vring *vr, uint16_t n);
 /* Publishes pushed elements and notifies the front-end if it asked. */
 void vhd_vring_flush(vhd_vring *vr);
 void vhd_vring_disable_notify(vhd_vring *vr);
@@ -113,16 +115,57 @@ void vhd_blk_free(vhd_blk *blk);
 /* Handles one popped chain; pushes its used element.  Returns the status. */
 int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *chain);
 
+/* virtio-net back-end for one queue pair: a tap queue fd (or any fd that
+ * reads and writes one frame per call, e.g. a datagram socket).  The RX
+ * ring's worker reads it, the TX ring's worker writes it. */
+typedef struct vhd_net vhd_net;
+
+/* Guest-header gso types a TX frame may use, by negotiated HOST_* features. */
+#define VHD_NET_GSO_TCPV4 1
+#define VHD_NET_GSO_UDP 2
+#define VHD_NET_GSO_TCPV6 4
+#define VHD_NET_GSO_ECN 8
+#define VHD_NET_GSO_CSUM 16     /* VIRTIO_NET_F_CSUM: NEEDS_CSUM allowed */
+
+struct vhd_net_stats {
+    uint64_t rx_frames;
+    uint64_t rx_bytes;
+    uint64_t rx_dropped;    /* frame did not fit the buffers the guest had */
+    uint64_t rx_bad_desc;   /* RX chain with readable or too short buffers */
+    uint64_t tx_frames;
+    uint64_t tx_bytes;
+    uint64_t tx_dropped;    /* the back-end refused the frame */
+    uint64_t tx_bad_hdr;    /* invalid virtio_net_hdr from the guest */
+};
+
+/* Returns NULL on allocation failure. */
+vhd_net *vhd_net_new(int backend_fd);
+void vhd_net_free(vhd_net *net);
+/* Only while both rings of the pair are stopped.  hdr_len is 10 or 12. */
+void vhd_net_configure(vhd_net *net, uint32_t hdr_len, int mrg_rxbuf, uint32_t tx_gso);
+const struct vhd_net_stats *vhd_net_stats(const vhd_net *net);
+/* Drains the TX ring into the back-end; returns chains handled. */
+int vhd_net_tx(vhd_net *net, vhd_vring *vr);
+/* Moves frames from the back-end into the RX ring until one side is empty.
+ * Returns VHD_RX_IDLE (back-end empty), VHD_RX_STARVED (guest has no
+ * buffers; kicks are enabled) or a negative VHD_ERR_* (ring broken). */
+int vhd_net_rx(vhd_net *net, vhd_vring *vr);
+#define VHD_RX_IDLE 0
+#define VHD_RX_STARVED 1
+
 /* Device kinds a worker can run; the device object is passed as void *. */
 #define VHD_DEV_BLK 1
+#define VHD_DEV_NET_RX 2
+#define VHD_DEV_NET_TX 3
 
 /* A worker thread serving one ring: epoll on the kick eventfd (or polling
- * when kick_fd is -1) and a private stop eventfd.  It never enters Python. */
+ * when kick_fd is -1), a private stop eventfd and, for net RX, the back-end
+ * fd (watched only while the guest has buffers).  It never enters Python. */
 typedef struct vhd_worker vhd_worker;
 
 /* Returns NULL and sets *err (negative errno) on failure. */
 vhd_worker *vhd_worker_start(vhd_vring *vr, int dev_kind, void *dev,
-                             int kick_fd, int *err);
+                             int kick_fd, int backend_fd, int *err);
 /* Asks the worker to stop after its current batch and joins it. */
 void vhd_worker_stop(vhd_worker *w);
 

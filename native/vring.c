@@ -221,6 +221,11 @@ void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len)
     vr->used_idx++;
 }
 
+void vhd_vring_unpop(vhd_vring *vr, uint16_t n)
+{
+    vr->last_avail_idx = (uint16_t)(vr->last_avail_idx - n);
+}
+
 /* virtio 1.2 2.7.10: notify iff new_idx passed event_idx since old_idx. */
 static bool vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
 {

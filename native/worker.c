@@ -22,6 +22,8 @@ struct vhd_worker {
     int stop_fd;
     int epoll_fd;
     int kick_fd;
+    int backend_fd;         /* net RX: the tap; -1 otherwise */
+    bool backend_watched;
     vhd_vring *vr;
     int dev_kind;
     void *dev;
@@ -41,6 +43,10 @@ static void handle_chain(vhd_vring *vr, int dev_kind, void *dev, struct vhd_chai
 
 int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
 {
+    if (dev_kind == VHD_DEV_NET_TX)
+        return vhd_net_tx(dev, vr);
+    if (dev_kind == VHD_DEV_NET_RX)
+        return vhd_net_rx(dev, vr);
     struct vhd_chain chain;
     int total = 0;
     for (;;) {
@@ -68,33 +74,50 @@ static void drain_eventfd(int fd)
     (void)eventfd_read(fd, &v);
 }
 
+static int watch(int epoll_fd, int fd)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.fd = fd };
+    return epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev);
+}
+
+/* Net RX watches the tap only while the guest has buffers: with none, a
+ * readable tap would wake us for nothing; the guest's kick resumes it. */
+static void run(vhd_worker *w)
+{
+    int rc = vhd_process_ring(w->vr, w->dev_kind, w->dev);
+    if (w->backend_fd < 0)
+        return;
+    bool want = rc == VHD_RX_IDLE;
+    if (want != w->backend_watched) {
+        struct epoll_event ev = { .events = want ? EPOLLIN : 0, .data.fd = w->backend_fd };
+        epoll_ctl(w->epoll_fd, EPOLL_CTL_MOD, w->backend_fd, &ev);
+        w->backend_watched = want;
+    }
+}
+
 static void *worker_main(void *arg)
 {
     vhd_worker *w = arg;
     /* Kicks that came while the ring was stopped or disabled are not lost:
      * the ring is always looked at once when the worker starts. */
-    vhd_process_ring(w->vr, w->dev_kind, w->dev);
+    run(w);
     int timeout = w->kick_fd < 0 ? VHD_POLL_INTERVAL_MS : -1;
     for (;;) {
-        struct epoll_event ev[2];
-        int n = epoll_wait(w->epoll_fd, ev, 2, timeout);
+        struct epoll_event ev[3];
+        int n = epoll_wait(w->epoll_fd, ev, 3, timeout);
         if (n < 0 && errno != EINTR)
             break;
         for (int i = 0; i < n; i++) {
             if (ev[i].data.fd == w->stop_fd)
                 return NULL;
-            drain_eventfd(w->kick_fd);
-            w->vr->stats.kicks++;
+            if (ev[i].data.fd == w->kick_fd) {
+                drain_eventfd(w->kick_fd);
+                w->vr->stats.kicks++;
+            }
         }
-        vhd_process_ring(w->vr, w->dev_kind, w->dev);
+        run(w);
     }
     return NULL;
-}
-
-static int watch(int epoll_fd, int fd)
-{
-    struct epoll_event ev = { .events = EPOLLIN, .data.fd = fd };
-    return epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev);
 }
 
 static void worker_free(vhd_worker *w)
@@ -106,7 +129,8 @@ static void worker_free(vhd_worker *w)
     free(w);
 }
 
-vhd_worker *vhd_worker_start(vhd_vring *vr, int dev_kind, void *dev, int kick_fd, int *err)
+vhd_worker *vhd_worker_start(vhd_vring *vr, int dev_kind, void *dev, int kick_fd,
+                             int backend_fd, int *err)
 {
     vhd_worker *w = calloc(1, sizeof(*w));
     if (!w) {
@@ -117,10 +141,13 @@ vhd_worker *vhd_worker_start(vhd_vring *vr, int dev_kind, void *dev, int kick_fd
     w->dev_kind = dev_kind;
     w->dev = dev;
     w->kick_fd = kick_fd;
+    w->backend_fd = backend_fd;
+    w->backend_watched = backend_fd >= 0;
     w->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     if (w->stop_fd < 0 || w->epoll_fd < 0 || watch(w->epoll_fd, w->stop_fd) < 0 ||
-        (kick_fd >= 0 && watch(w->epoll_fd, kick_fd) < 0)) {
+        (kick_fd >= 0 && watch(w->epoll_fd, kick_fd) < 0) ||
+        (backend_fd >= 0 && watch(w->epoll_fd, backend_fd) < 0)) {
         *err = -errno;
         worker_free(w);
         return NULL;

@@ -13,7 +13,9 @@ import click
 import trio
 
 from vhostd.daemon import DeviceServer, Listener, run_daemon
+from vhostd.backends.tap import TapError
 from vhostd.devices.blk import MAX_QUEUES, BlkDevice, BlkOptions
+from vhostd.devices.net import MAX_QUEUE_PAIRS, NetDevice, NetOptions, format_mac, parse_mac
 
 DEFAULT_IMAGE_SIZE = 1 << 30
 
@@ -23,6 +25,7 @@ def _setup_logging(level: str) -> None:
     fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s vhostd %(levelname)s %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +36,8 @@ def main(log_level: str) -> None:
 
     QEMU connects to vhostd's Unix socket and shares guest memory; vhostd
     moves the data in native threads.  `vhostd serve` starts a default disk;
-    `vhostd blk` serves one disk image or block device.
+    `vhostd blk` serves one disk image or block device, `vhostd net` one
+    NIC on a tap device.
     """
     _setup_logging(log_level)
 
@@ -147,3 +151,44 @@ def serve(state_dir: Path | None, socket_dir: Path | None) -> None:
               f"Attach a QEMU guest with:\n  qemu-system-x86_64 ... {qemu_blk_options(sock, num_queues)}\n"
               "Stop with Ctrl-C or SIGTERM.")
     _run([DeviceServer(device, Listener(socket_path=sock))], banner)
+
+
+@main.command()
+@click.option("--socket-path", type=click.Path(path_type=Path), help="Unix socket to listen on.")
+@click.option("--fd", type=int, help="Inherited listening Unix socket fd (instead of --socket-path).")
+@click.option("--tap", help="Tap device: attached to if it exists, else created (and removed on exit).")
+@click.option("--bridge", help="Bridge to enslave the tap to.")
+@click.option("--mtu", type=click.IntRange(68, 65535), help="MTU to set on the tap (the guest learns it via NET_SET_MTU / config).")
+@click.option("--mac", help="Guest MAC in config space [default: stable, derived from the tap name].")
+@click.option("--queue-pairs", type=click.IntRange(1, MAX_QUEUE_PAIRS), default=1, show_default=True,
+              help="RX/TX queue pairs (multi-queue tap).")
+@click.option("--name", default="net0", show_default=True, help="Device name used in logs.")
+@click.option("--print-capabilities", is_flag=True,
+              help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
+def net(socket_path: Path | None, fd: int | None, tap: str | None, bridge: str | None,
+        mtu: int | None, mac: str | None, queue_pairs: int, name: str, print_capabilities: bool) -> None:
+    """Serve a virtio-net device whose frames go to and from a tap device.
+
+    \b
+    QEMU side (QEMU 7.2 under TCG needs vectors=0, see README):
+      -chardev socket,id=net0,path=SOCKET
+      -netdev vhost-user,id=net0,chardev=net0,queues=N
+      -device virtio-net-pci,netdev=net0,mq=on,vectors=0
+    with guest RAM shared (memory-backend-memfd,share=on).
+    """
+    if print_capabilities:
+        click.echo(json.dumps({"type": "net", "features": []}, indent=2))
+        return
+    if tap is None:
+        raise click.UsageError("--tap is required")
+    listener = _listener(socket_path, fd)
+    try:
+        options = NetOptions(tap=tap, queue_pairs=queue_pairs, mtu=mtu,
+                             mac=parse_mac(mac) if mac else None, bridge=bridge)
+        device = NetDevice(name, options)
+    except (ValueError, TapError, OSError) as e:
+        raise click.ClickException(f"{name}: {e}")
+    logging.getLogger("vhostd").info("%s: tap %s (%s), mac %s", name, tap,
+                                     "created" if device.tap.created else "attached",
+                                     format_mac(device.mac))
+    _run([DeviceServer(device, listener)])

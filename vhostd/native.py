@@ -137,9 +137,10 @@ class NativeVring:
 class Worker:
     """``vhd_worker``: a native thread serving one ring."""
 
-    def __init__(self, vring: NativeVring, dev_kind: int, dev: Any, kick_fd: int) -> None:
+    def __init__(self, vring: NativeVring, dev_kind: int, dev: Any, kick_fd: int,
+                 backend_fd: int = -1) -> None:
         err = ffi.new("int *")
-        ptr = lib.vhd_worker_start(vring.ptr, dev_kind, dev, kick_fd, err)
+        ptr = lib.vhd_worker_start(vring.ptr, dev_kind, dev, kick_fd, backend_fd, err)
         if ptr == ffi.NULL:
             check(err[0], "start ring worker")
         self.ptr: Any = ptr
@@ -166,3 +167,42 @@ class NativeBlk:
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:
             lib.vhd_blk_free(ptr)
+
+
+@dataclass(frozen=True)
+class NetStats:
+    rx_frames: int
+    rx_bytes: int
+    rx_dropped: int
+    rx_bad_desc: int
+    tx_frames: int
+    tx_bytes: int
+    tx_dropped: int
+    tx_bad_hdr: int
+
+
+class NativeNet:
+    """``vhd_net``: the data plane of one virtio-net queue pair."""
+
+    RX: int = lib.VHD_DEV_NET_RX
+    TX: int = lib.VHD_DEV_NET_TX
+
+    def __init__(self, backend_fd: int) -> None:
+        ptr = lib.vhd_net_new(backend_fd)
+        if ptr == ffi.NULL:
+            raise NativeError(errno.ENOMEM, "vhd_net_new")
+        self.ptr: Any = ptr
+        self.backend_fd = backend_fd
+
+    def configure(self, hdr_len: int, mrg_rxbuf: bool, tx_gso: int) -> None:
+        lib.vhd_net_configure(self.ptr, hdr_len, int(mrg_rxbuf), tx_gso)
+
+    def stats(self) -> NetStats:
+        s = lib.vhd_net_stats(self.ptr)
+        return NetStats(s.rx_frames, s.rx_bytes, s.rx_dropped, s.rx_bad_desc,
+                        s.tx_frames, s.tx_bytes, s.tx_dropped, s.tx_bad_hdr)
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_net_free(ptr)

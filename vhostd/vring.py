@@ -20,6 +20,16 @@ from vhostd.native import NativeError, NativeVring, VringStats, Worker
 from vhostd.protocol.messages import VringAddr
 
 
+@dataclass(frozen=True)
+class QueueBackend:
+    """What a ring's native worker runs: a ``VHD_DEV_*`` kind, the C device
+    object, and for net RX the back-end fd to watch."""
+
+    kind: int
+    dev: Any
+    backend_fd: int = -1
+
+
 class VringError(Exception):
     """The front-end configured a ring that cannot run (a protocol error)."""
 
@@ -45,8 +55,7 @@ class Vring:
     def can_run(self, mem: GuestMemory | None) -> bool:
         return self.started and self.enabled and mem is not None and self.num > 0 and self.addr is not None
 
-    def start(self, mem: GuestMemory, *, event_idx: bool, indirect: bool,
-              dev_kind: int, dev: Any) -> None:
+    def start(self, mem: GuestMemory, backend: QueueBackend, *, event_idx: bool, indirect: bool) -> None:
         assert self.addr is not None and self.worker is None
         try:
             self.native.setup(
@@ -60,7 +69,8 @@ class Vring:
                 f"avail {self.addr.avail_user_addr:#x}, used {self.addr.used_user_addr:#x}: "
                 f"{'not inside guest memory' if e.errno == 14 else 'misaligned or bad size'}"
             ) from None
-        self.worker = Worker(self.native, dev_kind, dev, _fd_or_minus1(self.kick))
+        self.worker = Worker(self.native, backend.kind, backend.dev, _fd_or_minus1(self.kick),
+                             backend.backend_fd)
 
     async def stop(self) -> None:
         """Joins the worker (off the event loop) and saves last_avail_idx."""

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import abc
 import enum
-from typing import Any
 
 from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit
+from vhostd.vring import QueueBackend
+
+__all__ = ["Device", "DeviceError", "DeviceType", "QueueBackend"]
 
 
 class DeviceType(enum.Enum):
@@ -66,9 +68,22 @@ class Device(abc.ABC):
     def write_config(self, offset: int, data: bytes) -> None:
         raise DeviceError(f"config space is read-only (write of {len(data)} bytes at {offset})")
 
+    @property
+    def queue_num(self) -> int:
+        """GET_QUEUE_NUM's answer (net devices count queue pairs)."""
+        return self.num_queues
+
     @abc.abstractmethod
-    def queue_backend(self, index: int) -> tuple[int, Any]:
-        """(device kind, C pointer) the native worker of ring ``index`` uses."""
+    def queue_backend(self, index: int) -> QueueBackend:
+        """What the native worker of ring ``index`` runs."""
+
+    def set_mtu(self, mtu: int) -> None:
+        """VHOST_USER_NET_SET_MTU."""
+        raise DeviceError("MTU is not a property of this device")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """VHOST_USER_SEND_RARP: announce mac after migration."""
+        raise DeviceError("RARP is not supported by this device")
 
     def on_features(self, features: int) -> None:
         """The front-end acknowledged these features (SET_FEATURES)."""

@@ -9,9 +9,8 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from vhostd.devices.base import COMMON_FEATURES, Device, DeviceType
+from vhostd.devices.base import COMMON_FEATURES, Device, DeviceType, QueueBackend
 from vhostd.fds import OwnedFd
 from vhostd.native import MAX_IOV, NativeBlk
 from vhostd.protocol.constants import bit
@@ -112,8 +111,8 @@ class BlkDevice(Device):
             0, 0, self.num_queues,                 # writeback, unused0, num_queues
         ).ljust(60, b"\0")
 
-    def queue_backend(self, index: int) -> tuple[int, Any]:
-        return self.native.kind, self.native.ptr
+    def queue_backend(self, index: int) -> QueueBackend:
+        return QueueBackend(self.native.kind, self.native.ptr)
 
     def close(self) -> None:
         self.native.close()

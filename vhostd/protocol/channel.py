@@ -30,30 +30,43 @@ class Channel:
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
 
-    async def _recv_exact(self, n: int, fds: list[OwnedFd], what: str) -> bytes:
+    async def _recv_exact(self, n: int, fds: list[OwnedFd], what: str) -> tuple[bytes, bool]:
+        """n bytes, and whether fds were lost (control data truncated)."""
         buf = bytearray()
+        truncated = False
         while len(buf) < n:
             data, ancdata, flags, _ = await self.sock.recvmsg(
                 n - len(buf), _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
             fds.extend(_fds_from(ancdata))
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError(None, "too many fds attached (control data truncated)")
+            truncated = truncated or bool(flags & socket.MSG_CTRUNC)
             if not data:
                 if not buf and what == "header":
                     raise Disconnected()
                 raise ProtocolError(None, f"connection closed inside a message {what}")
             buf += data
-        return bytes(buf)
+        return bytes(buf), truncated
 
     async def recv(self) -> Message:
         """Next validated message; raises Disconnected or ProtocolError."""
         fds: list[OwnedFd] = []
+        header: Header | None = None
         try:
-            header = Header.unpack(await self._recv_exact(HEADER_SIZE, fds, "header"))
-            if header.size > MAX_PAYLOAD:
-                raise ProtocolError(header.request, f"payload size {header.size} > {MAX_PAYLOAD}")
-            check_header(header)   # reject before reading a payload we would not accept
-            payload = await self._recv_exact(header.size, fds, "payload") if header.size else b""
+            try:
+                raw, truncated = await self._recv_exact(HEADER_SIZE, fds, "header")
+                header = Header.unpack(raw)
+                payload = b""
+                if not truncated:
+                    if header.size > MAX_PAYLOAD:
+                        raise ProtocolError(header.request, f"payload size {header.size} > {MAX_PAYLOAD}")
+                    check_header(header)   # reject before reading a payload we would not accept
+                    if header.size:
+                        payload, truncated = await self._recv_exact(header.size, fds, "payload")
+                if truncated:
+                    raise ProtocolError(None, "too many fds attached (control data truncated)")
+            except ProtocolError as e:
+                if e.request is None and header is not None:   # name the request in the log
+                    raise ProtocolError(header.request, e.reason) from None
+                raise
         except BaseException:
             close_all(fds)
             raise

@@ -237,6 +237,8 @@ SPECS: dict[Request, Spec] = {
     Request.GET_CONFIG: Spec(P.CONFIG, reply=P.CONFIG),
     Request.SET_CONFIG: Spec(P.CONFIG),
     Request.GET_MAX_MEM_SLOTS: Spec(P.NONE, reply=P.U64),
+    Request.NET_SET_MTU: Spec(P.U64),
+    Request.SEND_RARP: Spec(P.U64),
 }
 del P, F
 

@@ -76,6 +76,8 @@ class Session:
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.NET_SET_MTU: self._net_set_mtu,
+            Request.SEND_RARP: self._send_rarp,
         }
         assert set(self._handlers) == set(SPECS), "every accepted request needs a handler"
 
@@ -141,11 +143,10 @@ class Session:
         if vr.running or not vr.can_run(self.mem):
             return
         assert self.mem is not None
-        kind, dev = self.device.queue_backend(vr.index)
         try:
-            vr.start(self.mem, event_idx=self._has_feature(VirtioFeature.RING_EVENT_IDX),
-                     indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC),
-                     dev_kind=kind, dev=dev)
+            vr.start(self.mem, self.device.queue_backend(vr.index),
+                     event_idx=self._has_feature(VirtioFeature.RING_EVENT_IDX),
+                     indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC))
         except VringError as e:
             raise ProtocolError(None, str(e)) from None
         log.info("%s: ring %d started (size %d, base %d)", self.device.name, vr.index, vr.num, vr.last_avail_idx)
@@ -166,14 +167,21 @@ class Session:
         offered = self.device.features()
         if msg.payload.value & ~offered:
             raise ProtocolError(msg.request, f"features {msg.payload.value & ~offered:#x} were not offered")
+        # Workers read feature-dependent state (header sizes, EVENT_IDX):
+        # none may run while it changes.
+        running = [vr for vr in self.vrings if vr.running]
+        for vr in running:
+            await vr.stop()
         self.features = msg.payload.value
         if not self._has_feature(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
             # Without protocol features rings start enabled (vhost-user.rst).
             for vr in self.vrings:
                 vr.enabled = True
-        self.device.on_features(self.features)
+        try:
+            self.device.on_features(self.features)
+        except DeviceError as e:
+            raise ProtocolError(msg.request, str(e)) from None
         for vr in self.vrings:
-            await self._restart(vr)
             self._start_if_ready(vr)
         return None
 
@@ -200,7 +208,7 @@ class Session:
         return None
 
     async def _get_queue_num(self, msg: Message) -> bytes:
-        return U64(self.device.num_queues).pack()
+        return U64(self.device.queue_num).pack()
 
     async def _get_max_mem_slots(self, msg: Message) -> bytes:
         return U64(MAX_MEM_REGIONS).pack()
@@ -312,7 +320,9 @@ class Session:
     async def _set_vring_enable(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
         vr = self._vring(msg.request, msg.payload.index)
-        if not self._has_feature(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
+        # QEMU enables rings before SET_FEATURES: what counts is that the
+        # feature was offered (and so protocol features are in use).
+        if not self.device.features() & bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
             raise ProtocolError(msg.request, "sent without VHOST_USER_F_PROTOCOL_FEATURES")
         if msg.payload.num not in (0, 1):
             raise ProtocolError(msg.request, f"ring {vr.index}: enable value {msg.payload.num} is not 0 or 1")
@@ -333,4 +343,16 @@ class Session:
     async def _set_config(self, msg: Message) -> None:
         assert isinstance(msg.payload, Config)
         self.device.write_config(msg.payload.offset, msg.payload.data)
+        return None
+
+    # --- net ---------------------------------------------------------------
+
+    async def _net_set_mtu(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        self.device.set_mtu(msg.payload.value)
+        return None
+
+    async def _send_rarp(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        self.device.send_rarp(msg.payload.value.to_bytes(8, "little")[:6])
         return None

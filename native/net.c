@@ -1,0 +1,295 @@
+/* virtio-net data plane (virtio 1.2 section 5.1.6) over a tap queue fd.
+ *
+ * TX: the guest's chain is [virtio_net_hdr][frame].  The header is copied
+ * out once, checked, and handed to the tap from that copy (the tap has
+ * IFF_VNET_HDR with the same header size); the frame goes from guest memory
+ * to the kernel in one writev, no copy in user space.
+ * RX: one readv per frame, straight into the first guest chain, with a
+ * bounce buffer as the last iovec to catch what does not fit.  With
+ * MRG_RXBUF the overflow is copied into further chains (num_buffers set);
+ * without it an oversized frame is dropped and counted.  A tap returns
+ * exactly one frame per read, so nothing is ever split between reads. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vhd.h"
+
+#define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
+#define VIRTIO_NET_HDR_GSO_NONE 0
+#define VIRTIO_NET_HDR_GSO_TCPV4 1
+#define VIRTIO_NET_HDR_GSO_UDP 3
+#define VIRTIO_NET_HDR_GSO_TCPV6 4
+#define VIRTIO_NET_HDR_GSO_ECN 0x80
+#define NET_HDR_MAX 12
+#define NUM_BUFFERS_OFFSET 10
+/* Largest frame a tap can return: 64 KiB GSO payload plus headers. */
+#define RX_BOUNCE_SIZE (128 * 1024)
+#define NET_BATCH 64
+
+struct virtio_net_hdr_v1 {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+    uint16_t num_buffers;
+};
+
+struct vhd_net {
+    int fd;
+    uint32_t hdr_len;
+    bool mrg_rxbuf;
+    uint32_t tx_gso;
+    struct vhd_net_stats stats;
+    uint8_t *bounce;
+};
+
+vhd_net *vhd_net_new(int backend_fd)
+{
+    vhd_net *net = calloc(1, sizeof(*net));
+    if (!net)
+        return NULL;
+    net->bounce = malloc(RX_BOUNCE_SIZE);
+    if (!net->bounce) {
+        free(net);
+        return NULL;
+    }
+    net->fd = backend_fd;
+    net->hdr_len = NET_HDR_MAX;
+    return net;
+}
+
+void vhd_net_free(vhd_net *net)
+{
+    if (!net)
+        return;
+    free(net->bounce);
+    free(net);
+}
+
+void vhd_net_configure(vhd_net *net, uint32_t hdr_len, int mrg_rxbuf, uint32_t tx_gso)
+{
+    net->hdr_len = hdr_len == 10 ? 10 : NET_HDR_MAX;
+    net->mrg_rxbuf = mrg_rxbuf != 0;
+    net->tx_gso = tx_gso;
+}
+
+const struct vhd_net_stats *vhd_net_stats(const vhd_net *net)
+{
+    return &net->stats;
+}
+
+/* --- TX ------------------------------------------------------------------ */
+
+static bool tx_hdr_ok(const vhd_net *net, const struct virtio_net_hdr_v1 *h, uint32_t frame_len)
+{
+    if (h->flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM)
+        return false;
+    if (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+        if (!(net->tx_gso & VHD_NET_GSO_CSUM))
+            return false;
+        /* The checksum field must lie inside the frame. */
+        if ((uint32_t)h->csum_start + h->csum_offset + 2u > frame_len)
+            return false;
+    }
+    uint8_t ecn = h->gso_type & VIRTIO_NET_HDR_GSO_ECN;
+    if (ecn && !(net->tx_gso & VHD_NET_GSO_ECN))
+        return false;
+    switch (h->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) {
+    case VIRTIO_NET_HDR_GSO_NONE:
+        return ecn == 0;
+    case VIRTIO_NET_HDR_GSO_TCPV4:
+        return (net->tx_gso & VHD_NET_GSO_TCPV4) && h->gso_size > 0 &&
+               (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM);
+    case VIRTIO_NET_HDR_GSO_TCPV6:
+        return (net->tx_gso & VHD_NET_GSO_TCPV6) && h->gso_size > 0 &&
+               (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM);
+    case VIRTIO_NET_HDR_GSO_UDP:
+        return (net->tx_gso & VHD_NET_GSO_UDP) && h->gso_size > 0;
+    default:
+        return false;
+    }
+}
+
+static void tx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
+{
+    struct virtio_net_hdr_v1 hdr = { 0 };
+    uint32_t frame_len = c->out_len >= net->hdr_len ? c->out_len - net->hdr_len : 0;
+    if (c->out_len < net->hdr_len ||
+        vhd_iov_to_buf(c->iov, c->n_out, &hdr, net->hdr_len) < net->hdr_len ||
+        !tx_hdr_ok(net, &hdr, frame_len)) {
+        net->stats.tx_bad_hdr++;
+        vhd_vring_push(vr, c->head, 0);
+        return;
+    }
+    hdr.num_buffers = 0;
+    /* iov[0] becomes our validated header copy; the frame follows from guest memory. */
+    int n = vhd_iov_skip(c->iov, c->n_out, net->hdr_len);
+    struct iovec out[VHD_MAX_IOV + 1];
+    out[0].iov_base = &hdr;
+    out[0].iov_len = net->hdr_len;
+    memcpy(&out[1], c->iov, (size_t)n * sizeof(struct iovec));
+    ssize_t r;
+    do {
+        r = writev(net->fd, out, n + 1);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        net->stats.tx_dropped++;
+    } else {
+        net->stats.tx_frames++;
+        net->stats.tx_bytes += frame_len;
+        vr->stats.bytes_read += frame_len;
+    }
+    vr->stats.requests++;
+    vhd_vring_push(vr, c->head, 0);
+}
+
+int vhd_net_tx(vhd_net *net, vhd_vring *vr)
+{
+    struct vhd_chain chain;
+    int total = 0;
+    for (;;) {
+        vhd_vring_disable_notify(vr);
+        int batch = 0;
+        int rc = VHD_POP_OK;
+        while (batch < NET_BATCH && (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
+            tx_one(net, vr, &chain);
+            batch++;
+        }
+        total += batch;
+        vhd_vring_flush(vr);
+        if (rc < 0)
+            return total;
+        if (batch == NET_BATCH)
+            continue;
+        if (!vhd_vring_enable_notify(vr))
+            return total;
+    }
+}
+
+/* --- RX ------------------------------------------------------------------ */
+
+/* Pops the next RX chain fit to receive into.  Unfit chains (readable
+ * buffers, or the first one too short for the header) are returned empty. */
+static int pop_rx(vhd_net *net, vhd_vring *vr, struct vhd_chain *c, uint32_t min_len)
+{
+    for (;;) {
+        int rc = vhd_vring_pop(vr, c);
+        if (rc != VHD_POP_OK)
+            return rc;
+        if (c->n_out == 0 && c->in_len >= min_len && c->in_len > 0)
+            return VHD_POP_OK;
+        net->stats.rx_bad_desc++;
+        vhd_vring_push(vr, c->head, 0);
+    }
+}
+
+/* Places the tail of a frame (in the bounce buffer) into more chains,
+ * popped but not yet pushed.  Returns false if the guest ran out of fit
+ * buffers; *used says how many were popped (to give back).  An unfit chain
+ * is given back rather than consumed here, so that every chain popped for
+ * this frame can be rewound with one vhd_vring_unpop(). */
+static bool rx_merge(vhd_vring *vr, const uint8_t *bounce, size_t tail, uint16_t *heads, uint32_t *lens, int max, int *used)
+{
+    struct vhd_chain c;
+    size_t off = 0;
+    *used = 0;
+    while (off < tail) {
+        if (*used == max || vhd_vring_pop(vr, &c) != VHD_POP_OK)
+            return false;
+        if (c.n_out != 0 || c.in_len == 0) {
+            vhd_vring_unpop(vr, 1);
+            return false;
+        }
+        size_t k = vhd_buf_to_iov(c.iov, c.n_in, bounce + off, tail - off);
+        heads[*used] = c.head;
+        lens[*used] = (uint32_t)k;
+        (*used)++;
+        off += k;
+    }
+    return true;
+}
+
+/* Writes num_buffers into the header at the start of the first chain. */
+static void set_num_buffers(struct vhd_chain *c, uint16_t n)
+{
+    struct iovec iov[VHD_MAX_IOV];
+    memcpy(iov, c->iov, (size_t)c->n_in * sizeof(struct iovec));
+    int k = vhd_iov_skip(iov, c->n_in, NUM_BUFFERS_OFFSET);
+    vhd_buf_to_iov(iov, k, &n, sizeof(n));
+}
+
+/* One frame.  Returns 1 if a frame was delivered or dropped, 0 if the
+ * back-end is empty, VHD_RX_STARVED, or a ring error. */
+static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
+{
+    int rc = pop_rx(net, vr, c, net->hdr_len);
+    if (rc != VHD_POP_OK)
+        return rc == VHD_POP_EMPTY ? VHD_RX_STARVED : rc;
+    struct iovec iov[VHD_MAX_IOV + 1];
+    memcpy(iov, &c->iov[c->n_out], (size_t)c->n_in * sizeof(struct iovec));
+    iov[c->n_in].iov_base = net->bounce;
+    iov[c->n_in].iov_len = RX_BOUNCE_SIZE;
+    ssize_t r;
+    do {
+        r = readv(net->fd, iov, c->n_in + 1);
+    } while (r < 0 && errno == EINTR);
+    if (r <= 0) {
+        vhd_vring_unpop(vr, 1);   /* nothing to deliver: the chain stays the guest's */
+        return 0;
+    }
+    size_t len = (size_t)r;
+    uint16_t nbuf = 1;
+    if (len > c->in_len) {
+        enum { MAX_MERGE = 64 };
+        uint16_t heads[MAX_MERGE];
+        uint32_t lens[MAX_MERGE];
+        int extra = 0;
+        if (!net->mrg_rxbuf ||
+            !rx_merge(vr, net->bounce, len - c->in_len, heads, lens, MAX_MERGE, &extra)) {
+            /* Not enough buffers for this frame: drop it, keep the chains. */
+            vhd_vring_unpop(vr, (uint16_t)(1 + extra));
+            net->stats.rx_dropped++;
+            return 1;
+        }
+        vhd_vring_push(vr, c->head, c->in_len);
+        for (int i = 0; i < extra; i++)
+            vhd_vring_push(vr, heads[i], lens[i]);
+        nbuf = (uint16_t)(1 + extra);
+    } else {
+        vhd_vring_push(vr, c->head, (uint32_t)len);
+    }
+    /* The tap leaves num_buffers unwritten; VERSION_1 requires it (1 without MRG_RXBUF). */
+    if (net->hdr_len == NET_HDR_MAX)
+        set_num_buffers(c, nbuf);
+    net->stats.rx_frames++;
+    net->stats.rx_bytes += len - net->hdr_len;
+    vr->stats.bytes_written += len;
+    vr->stats.requests++;
+    return 1;
+}
+
+int vhd_net_rx(vhd_net *net, vhd_vring *vr)
+{
+    struct vhd_chain chain;
+    for (;;) {
+        vhd_vring_disable_notify(vr);
+        int batch = 0;
+        int rc = 1;
+        while (batch < NET_BATCH && (rc = rx_one(net, vr, &chain)) == 1)
+            batch++;
+        vhd_vring_flush(vr);
+        if (rc < 0)
+            return rc;
+        if (rc == 0)
+            return VHD_RX_IDLE;
+        if (rc == VHD_RX_STARVED) {
+            /* Ask for a kick when buffers come; re-check to not miss one. */
+            if (!vhd_vring_enable_notify(vr))
+                return VHD_RX_STARVED;
+        }
+    }
+}

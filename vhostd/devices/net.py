@@ -1,0 +1,202 @@
+"""virtio-net (virtio 1.2 section 5.1) over a tap device.
+
+The guest's queue pair i is rings 2i (receiveq) and 2i+1 (transmitq) and
+tap queue fd i.  Feature negotiation decides the header size and which
+offloads the tap may hand the guest; the C data plane does the rest.
+The control virtqueue stays with the front-end (QEMU and DPDK's
+virtio-user both emulate it and translate MQ changes to SET_VRING_ENABLE),
+so CTRL_VQ is not offered.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import struct
+from dataclasses import dataclass
+
+from vhostd.backends.tap import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_TSO_ECN,
+    TUN_F_UFO,
+    Tap,
+    TapOptions,
+)
+from vhostd.devices.base import COMMON_FEATURES, COMMON_PROTOCOL_FEATURES, Device, DeviceError, DeviceType, QueueBackend
+from vhostd.native import NativeNet, lib
+from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit
+
+MAX_QUEUE_PAIRS = 8
+MIN_MTU, MAX_MTU = 68, 65535
+
+
+class NetFeature(enum.IntEnum):
+    CSUM = 0
+    GUEST_CSUM = 1
+    CTRL_GUEST_OFFLOADS = 2
+    MTU = 3
+    MAC = 5
+    GUEST_TSO4 = 7
+    GUEST_TSO6 = 8
+    GUEST_ECN = 9
+    GUEST_UFO = 10
+    HOST_TSO4 = 11
+    HOST_TSO6 = 12
+    HOST_ECN = 13
+    HOST_UFO = 14
+    MRG_RXBUF = 15
+    STATUS = 16
+    CTRL_VQ = 17
+    CTRL_RX = 18
+    GUEST_ANNOUNCE = 21
+    MQ = 22
+    CTRL_MAC_ADDR = 23
+
+
+OFFERED = (
+    NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.MAC, NetFeature.MTU,
+    NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_ECN, NetFeature.GUEST_UFO,
+    NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.HOST_ECN, NetFeature.HOST_UFO,
+    NetFeature.MRG_RXBUF, NetFeature.STATUS, NetFeature.MQ,
+)
+# GUEST_* feature -> tap offload it allows on the receive path.
+RX_OFFLOADS = {
+    NetFeature.GUEST_CSUM: TUN_F_CSUM,
+    NetFeature.GUEST_TSO4: TUN_F_TSO4,
+    NetFeature.GUEST_TSO6: TUN_F_TSO6,
+    NetFeature.GUEST_ECN: TUN_F_TSO_ECN,
+    NetFeature.GUEST_UFO: TUN_F_UFO,
+}
+# HOST_* feature -> header fields a guest frame may use on the transmit path.
+TX_OFFLOADS = {
+    NetFeature.CSUM: lib.VHD_NET_GSO_CSUM,
+    NetFeature.HOST_TSO4: lib.VHD_NET_GSO_TCPV4,
+    NetFeature.HOST_TSO6: lib.VHD_NET_GSO_TCPV6,
+    NetFeature.HOST_ECN: lib.VHD_NET_GSO_ECN,
+    NetFeature.HOST_UFO: lib.VHD_NET_GSO_UDP,
+}
+VIRTIO_NET_S_LINK_UP = 1
+
+
+def parse_mac(text: str) -> bytes:
+    if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", text):
+        raise ValueError(f"mac: {text!r} is not of the form 52:54:00:12:34:56")
+    mac = bytes(int(x, 16) for x in text.split(":"))
+    if mac[0] & 1:
+        raise ValueError(f"mac: {text} is a multicast address")
+    return mac
+
+
+def default_mac(tap: str) -> bytes:
+    """Stable per tap name, locally administered, unicast."""
+    h = hashlib.sha256(f"vhostd:{tap}".encode()).digest()
+    return bytes([0x02]) + h[:5]
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    tap: str
+    queue_pairs: int = 1
+    mtu: int | None = None
+    mac: bytes | None = None
+    bridge: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"queue_pairs: {self.queue_pairs} is not in 1..{MAX_QUEUE_PAIRS}")
+        if self.mtu is not None and not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"mtu: {self.mtu} is not in {MIN_MTU}..{MAX_MTU}")
+
+
+class NetDevice(Device):
+    device_type = DeviceType.NET
+
+    def __init__(self, name: str, options: NetOptions) -> None:
+        super().__init__(name)
+        self.options = options
+        self.mac = options.mac or default_mac(options.tap)
+        self.tap = Tap(TapOptions(options.tap, options.queue_pairs, options.mtu, options.bridge))
+        self.pairs = [NativeNet(q.fileno()) for q in self.tap.queues]
+        self.hdr_len = 12
+
+    @property
+    def num_queues(self) -> int:
+        return 2 * self.options.queue_pairs
+
+    @property
+    def queue_num(self) -> int:
+        return self.options.queue_pairs
+
+    def features(self) -> int:
+        f = COMMON_FEATURES
+        for b in OFFERED:
+            f |= bit(b)
+        return f
+
+    def protocol_features(self) -> int:
+        return COMMON_PROTOCOL_FEATURES | bit(ProtocolFeature.RARP) | bit(ProtocolFeature.NET_MTU)
+
+    def config(self) -> bytes:
+        """struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu."""
+        status = VIRTIO_NET_S_LINK_UP if self.tap.is_up() else 0
+        return struct.pack("<6sHHH", self.mac, status, self.options.queue_pairs, self.tap.mtu())
+
+    def on_features(self, features: int) -> None:
+        def has(f: int) -> bool:
+            return bool(features & bit(f))
+
+        mrg = has(NetFeature.MRG_RXBUF)
+        self.hdr_len = 12 if has(VirtioFeature.VERSION_1) or mrg else 10
+        tx_gso = 0
+        for feature, flag in TX_OFFLOADS.items():
+            if has(feature):
+                tx_gso |= flag
+        rx_offload = 0
+        for feature, flag in RX_OFFLOADS.items():
+            if has(feature):
+                rx_offload |= flag
+        if not rx_offload & TUN_F_CSUM:
+            rx_offload = 0   # the kernel needs partial checksums for any segmentation offload
+        try:
+            self.tap.set_vnet_hdr_size(self.hdr_len)
+            self.tap.set_offload(rx_offload)
+        except OSError as e:
+            raise DeviceError(f"tap {self.tap.name}: {e}") from None
+        for pair in self.pairs:
+            pair.configure(self.hdr_len, mrg, tx_gso)
+
+    def queue_backend(self, index: int) -> QueueBackend:
+        pair = self.pairs[index // 2]
+        if index % 2 == 0:
+            return QueueBackend(NativeNet.RX, pair.ptr, pair.backend_fd)
+        return QueueBackend(NativeNet.TX, pair.ptr)
+
+    def set_mtu(self, mtu: int) -> None:
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise DeviceError(f"MTU {mtu} is not in {MIN_MTU}..{MAX_MTU}")
+        try:
+            self.tap.set_mtu(mtu)
+        except Exception as e:
+            raise DeviceError(f"tap {self.tap.name}: cannot set MTU {mtu}: {e}") from None
+
+    def send_rarp(self, mac: bytes) -> None:
+        # RARP request announcing mac (what QEMU's own announce sends).
+        frame = (b"\xff" * 6 + mac + b"\x80\x35"
+                 + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 3)
+                 + mac + bytes(4) + mac + bytes(4)).ljust(60, b"\0")
+        try:
+            self.tap.write_frame(frame, self.hdr_len)
+        except OSError as e:
+            raise DeviceError(f"tap {self.tap.name}: cannot send RARP: {e.strerror}") from None
+
+    def close(self) -> None:
+        for pair in self.pairs:
+            pair.close()
+        self.tap.close()
