@@ -15,13 +15,14 @@ from typing import Sequence
 class Vhostd:
     """`vhostd ARGS` with --log-level debug; `socket` is waited for."""
 
-    def __init__(self, args: Sequence[str], socket: Path | None, log_path: Path) -> None:
+    def __init__(self, args: Sequence[str], socket: Path | None, log_path: Path,
+                 prefix: Sequence[str] = ()) -> None:
         self.args = list(args)
         self.socket = socket
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vhostd", "--log-level", "debug", *self.args],
+            [*prefix, sys.executable, "-m", "vhostd", "--log-level", "debug", *self.args],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if socket is not None:
             self.wait_listening()
@@ -37,7 +38,8 @@ class Vhostd:
             time.sleep(0.02)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:
