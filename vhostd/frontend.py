@@ -396,11 +396,15 @@ class BlkDriver:
         status = self.ram.read(status_gpa, 1)[0]
         return BlkResult(status, used_len, self.ram.read(in_gpa, read_len) if read_len else b"")
 
-    def read(self, sector: int, length: int, **kw: bool) -> BlkResult:
-        return self.request(VIRTIO_BLK_T_IN, sector, read_len=length, **kw)
+    def read(self, sector: int, length: int, indirect: bool = False,
+             split_header: bool = False) -> BlkResult:
+        return self.request(VIRTIO_BLK_T_IN, sector, read_len=length, indirect=indirect,
+                            split_header=split_header)
 
-    def write(self, sector: int, data: bytes, **kw: bool) -> BlkResult:
-        return self.request(VIRTIO_BLK_T_OUT, sector, data=data, **kw)
+    def write(self, sector: int, data: bytes, indirect: bool = False,
+              split_header: bool = False) -> BlkResult:
+        return self.request(VIRTIO_BLK_T_OUT, sector, data=data, indirect=indirect,
+                            split_header=split_header)
 
     def flush(self) -> BlkResult:
         return self.request(VIRTIO_BLK_T_FLUSH, 0)

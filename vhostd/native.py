@@ -14,6 +14,9 @@ from typing import Any
 
 from vhostd._native import ffi, lib
 
+__all__ = ["ffi", "lib", "MemTable", "NativeVring", "Worker", "NativeBlk", "NativeNet",
+           "NativeError", "VringStats", "NetStats", "RING_ERRORS"]
+
 MAX_MEM_REGIONS: int = lib.VHD_MAX_MEM_REGIONS
 MAX_QUEUE_SIZE: int = lib.VHD_MAX_QUEUE_SIZE
 MAX_IOV: int = lib.VHD_MAX_IOV

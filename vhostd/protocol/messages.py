@@ -195,7 +195,7 @@ class PayloadKind(enum.Enum):
             return 8 <= size <= 8 + MAX_MEM_REGIONS * REGION_SIZE
         if self is PayloadKind.CONFIG:
             return 12 <= size <= 12 + MAX_CONFIG_SIZE
-        return size == self.value._S.size
+        return bool(size == self.value._S.size)
 
 
 class Fds(enum.Enum):
