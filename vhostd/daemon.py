@@ -89,6 +89,7 @@ class DeviceServer:
         self.device = device
         self.listener = listener
         self.session: Session | None = None
+        self._conn: trio.socket.SocketType | None = None
         self.connections = 0
 
     async def serve(self) -> None:
@@ -96,7 +97,7 @@ class DeviceServer:
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await self.listener.sock.accept()
-                if self.session is not None and self.session.closing:
+                if self.session is not None and (self.session.closing or _hung_up(self._conn)):
                     # The previous front-end just left (QEMU reconnecting): let
                     # its session finish releasing the device first.
                     await self.session.closed.wait()
@@ -106,6 +107,7 @@ class DeviceServer:
                     conn.close()
                     continue
                 self.connections += 1
+                self._conn = conn
                 self.session = Session(self.device, Channel(conn))
                 log.info("%s: front-end connected on %s", self.device.name, self.listener.describe())
                 nursery.start_soon(self._run_session, self.session, conn)
@@ -116,6 +118,19 @@ class DeviceServer:
         finally:
             conn.close()
             self.session = None
+
+
+def _hung_up(conn: trio.socket.SocketType | None) -> bool:
+    """True if the peer closed conn (EOF is all that is left to read)."""
+    if conn is None:
+        return False
+    try:
+        with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as dup:
+            return dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 async def run_daemon(servers: Sequence[DeviceServer],

@@ -411,3 +411,36 @@ class BlkDriver:
 
     def get_id(self) -> BlkResult:
         return self.request(VIRTIO_BLK_T_GET_ID, 0, read_len=20)
+
+
+# --- virtio-net driver -------------------------------------------------------
+
+class NetDriver:
+    """A virtio-net queue pair: ``rx`` is ring 2i, ``tx`` ring 2i+1."""
+
+    def __init__(self, rx: DriverRing, tx: DriverRing, hdr_len: int = 12) -> None:
+        self.rx, self.tx, self.ram = rx, tx, rx.ram
+        self.hdr_len = hdr_len
+        self._rx_bufs: dict[int, int] = {}
+
+    def send(self, frame: bytes, hdr: bytes | None = None) -> None:
+        data = (hdr if hdr is not None else bytes(self.hdr_len)) + frame
+        gpa = self.ram.alloc(len(data))
+        self.ram.write(gpa, data)
+        self.tx.submit([Buf(gpa, len(data))])
+        self.tx.kick()
+
+    def post_rx(self, count: int, size: int = 2048) -> None:
+        for _ in range(count):
+            gpa = self.ram.alloc(size)
+            head = self.rx.submit([Buf(gpa, size, writable=True)])
+            self._rx_bufs[head] = gpa
+        self.rx.kick()
+
+    def recv(self, count: int = 1, timeout: float = 5.0) -> list[tuple[bytes, bytes]]:
+        """(header, frame) of received frames (single-buffer ones)."""
+        out = []
+        for head, length in self.rx.wait_used(count, timeout):
+            data = self.ram.read(self._rx_bufs.pop(head), length)
+            out.append((data[: self.hdr_len], data[self.hdr_len:]))
+        return out

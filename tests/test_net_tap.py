@@ -1,0 +1,212 @@
+"""vhostd net with a real tap in a test network namespace, driven by the
+Python front-end: frames both ways with both header sizes, offloads that
+follow negotiation, RARP, link status, attach vs create, bridge."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vhostd_proc
+from vhostd.frontend import DriverRing, Frontend, GuestRam, NetDriver
+from vhostd.protocol.constants import ProtocolFeature, Request, VirtioFeature, bit
+from vhostd.protocol.messages import U64
+
+pytestmark = pytest.mark.root
+
+PKTIO = str(Path(__file__).with_name("pktio.py"))
+TAP = "vtap0"
+GUEST_MAC = bytes.fromhex("525400aabbcc")
+PROTO = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+         | bit(ProtocolFeature.RARP) | bit(ProtocolFeature.NET_MTU))
+# virtio-net feature bits used here.
+CSUM, GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, HOST_TSO4, MRG_RXBUF = 0, 1, 7, 8, 11, 15
+RING_FEATURES = bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES) | bit(VirtioFeature.RING_EVENT_IDX)
+
+
+class Ns:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, *cmd: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], check=True,
+                              capture_output=True, text=True, timeout=30).stdout
+
+    def popen(self, *cmd: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def ns() -> Iterator[Ns]:
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        if os.environ.get("CI"):
+            pytest.fail("tap tests need root and /dev/net/tun in CI")
+        pytest.skip("needs root and /dev/net/tun")
+    name = f"vhd-tap-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield Ns(name)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def start(tmp: Path, ns: Ns, *args: str) -> vhostd_proc.Vhostd:
+    sock = tmp / "net.sock"
+    return vhostd_proc.Vhostd(["net", "--socket-path", str(sock), "--tap", TAP, *args], sock,
+                              tmp / "net.log", prefix=["ip", "netns", "exec", ns.name])
+
+
+class Guest:
+    """A front-end with one queue pair set up."""
+
+    def __init__(self, sock: Path, features: int) -> None:
+        self.fe = Frontend(str(sock))
+        self.features, _ = self.fe.negotiate(features, PROTO)
+        self.ram = GuestRam([4 << 20])
+        self.fe.set_mem_table(self.ram)
+        rx, tx = DriverRing(self.ram, 0, 64), DriverRing(self.ram, 1, 64)
+        self.fe.start_ring(rx)
+        self.fe.start_ring(tx)
+        legacy = not features & bit(VirtioFeature.VERSION_1) and not features & bit(MRG_RXBUF)
+        self.net = NetDriver(rx, tx, hdr_len=10 if legacy else 12)
+
+    def close(self) -> None:
+        self.fe.close()
+
+
+def capture(ns: Ns, seconds: float, ethertype: str | None = None) -> subprocess.Popen[str]:
+    p = ns.popen(sys.executable, PKTIO, "capture", TAP, str(seconds), *([ethertype] if ethertype else []))
+    assert p.stdout is not None and p.stdout.readline().strip() == "READY"
+    return p
+
+
+def frames_of(p: subprocess.Popen[str]) -> list[bytes]:
+    out, _ = p.communicate(timeout=30)
+    return [bytes.fromhex(line) for line in out.split()]
+
+
+def eth(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
+    return dst + src + struct.pack(">H", ethertype) + payload
+
+
+@pytest.mark.parametrize("version_1", [True, False], ids=["12-byte header", "legacy 10-byte header"])
+def test_frames_both_ways(tmp_path: Path, ns: Ns, version_1: bool) -> None:
+    v = start(tmp_path, ns)
+    feats = RING_FEATURES | (bit(VirtioFeature.VERSION_1) if version_1 else 0)
+    g = Guest(v.socket, feats)
+    try:
+        # guest TX -> tap
+        cap = capture(ns, 2, "88b5")
+        out = eth(b"\xff" * 6, GUEST_MAC, 0x88B5, b"vhostd-tx" + bytes(40))
+        g.net.send(out)
+        g.net.tx.wait_used(1)
+        assert out in frames_of(cap)
+        # tap -> guest RX (plenty of buffers: the kernel's own IPv6 frames take some)
+        g.net.post_rx(48)
+        inject = eth(GUEST_MAC, bytes.fromhex("020000000001"), 0x88B5, b"vhostd-rx" + bytes(40))
+        ns.run(sys.executable, PKTIO, "send", TAP, inject.hex())
+        # The kernel may send its own frames (IPv6 autoconf) out of the tap too.
+        got = {}
+        deadline = time.monotonic() + 5
+        while inject not in got and time.monotonic() < deadline:
+            got.update((f, h) for h, f in g.net.recv(1))
+        hdr = got[inject]
+        assert len(hdr) == g.net.hdr_len
+        if version_1:
+            assert struct.unpack_from("<H", hdr, 10)[0] == 1   # num_buffers
+    finally:
+        g.close()
+        v.stop()
+
+
+def _offloads(ns: Ns) -> dict[str, str]:
+    out = ns.run("ethtool", "-k", TAP)
+    return {k.strip(): v.split()[0] for k, v in (l.split(":", 1) for l in out.splitlines() if ":" in l) if v.strip()}
+
+
+def test_tap_offloads_follow_negotiated_features(tmp_path: Path, ns: Ns) -> None:
+    v = start(tmp_path, ns)
+    try:
+        g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(CSUM)
+                  | bit(GUEST_CSUM) | bit(GUEST_TSO4) | bit(GUEST_TSO6) | bit(HOST_TSO4))
+        on = _offloads(ns)
+        g.close()
+        assert on["tx-checksumming"] == "on" and on["tcp-segmentation-offload"] == "on", on
+        g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+        off = _offloads(ns)
+        g.close()
+        assert off["tx-checksumming"] == "off" and off["tcp-segmentation-offload"] == "off", off
+    finally:
+        v.stop()
+
+
+def test_send_rarp_announces_the_mac_on_the_tap(tmp_path: Path, ns: Ns) -> None:
+    v = start(tmp_path, ns)
+    g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+    try:
+        cap = capture(ns, 2, "8035")
+        g.fe.send(Request.SEND_RARP, U64(int.from_bytes(GUEST_MAC + b"\0\0", "little")).pack())
+        frames = frames_of(cap)
+        assert len(frames) == 1, frames
+        f = frames[0]
+        assert f[:6] == b"\xff" * 6 and f[6:12] == GUEST_MAC
+        assert f[20:22] == b"\x00\x03"           # RARP request (reverse request)
+        assert f[22:28] == GUEST_MAC and f[32:38] == GUEST_MAC
+    finally:
+        g.close()
+        v.stop()
+
+
+def test_config_link_status_follows_the_tap_and_mac(tmp_path: Path, ns: Ns) -> None:
+    v = start(tmp_path, ns, "--mac", "52:54:00:aa:bb:cc", "--queue-pairs", "2")
+    g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+    try:
+        cfg = g.fe.get_config(12)
+        mac, status, pairs, mtu = struct.unpack("<6sHHH", cfg)
+        assert (mac, status, pairs, mtu) == (GUEST_MAC, 1, 2, 1500)
+        assert g.fe.get_u64(Request.GET_QUEUE_NUM) == 2
+        ns.run("ip", "link", "set", TAP, "down")
+        assert struct.unpack("<6sH", g.fe.get_config(8))[1] == 0
+    finally:
+        g.close()
+        v.stop()
+
+
+def test_created_tap_is_removed_and_attached_tap_is_kept(tmp_path: Path, ns: Ns) -> None:
+    def exists(name: str) -> bool:
+        return name in ns.run("ip", "-o", "link", "show")
+
+    v = start(tmp_path, ns)
+    assert exists(TAP)
+    v.stop()
+    assert not exists(TAP)
+    ns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap", "multi_queue")
+    ns.run("ip", "link", "add", "br0", "type", "bridge")
+    v = start(tmp_path, ns, "--bridge", "br0", "--mtu", "4000")
+    link = ns.run("ip", "-o", "link", "show", TAP)
+    assert "master br0" in link and "mtu 4000" in link and ",UP" in link, link
+    assert v.stop() == 0
+    assert exists(TAP), "a tap vhostd attached to must be left in place"
+
+
+def test_single_queue_persistent_tap_works_with_one_pair(tmp_path: Path, ns: Ns) -> None:
+    ns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
+    v = start(tmp_path, ns)
+    g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+    try:
+        cap = capture(ns, 2, "88b5")
+        out = eth(b"\xff" * 6, GUEST_MAC, 0x88B5, bytes(46))
+        g.net.send(out)
+        g.net.tx.wait_used(1)
+        assert out in frames_of(cap)
+    finally:
+        g.close()
+        v.stop()
