@@ -15,10 +15,6 @@
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
 #define VIRTIO_BLK_T_GET_ID 8
-#define VIRTIO_BLK_S_OK 0
-#define VIRTIO_BLK_S_IOERR 1
-#define VIRTIO_BLK_S_UNSUPP 2
-#define VIRTIO_BLK_ID_BYTES 20
 #define SECTOR_SIZE 512u
 
 struct virtio_blk_outhdr {
@@ -27,20 +23,14 @@ struct virtio_blk_outhdr {
     uint64_t sector;
 };
 
-struct vhd_blk {
-    int fd;
-    uint64_t capacity;        /* in 512-byte sectors */
-    bool readonly;
-    char serial[VIRTIO_BLK_ID_BYTES];
-};
-
-vhd_blk *vhd_blk_new(int fd, uint64_t capacity_sectors, int readonly,
+vhd_blk *vhd_blk_new(int fd, int buffered_fd, uint64_t capacity_sectors, int readonly,
                      const char *serial, uint32_t serial_len)
 {
     vhd_blk *blk = calloc(1, sizeof(*blk));
     if (!blk)
         return NULL;
     blk->fd = fd;
+    blk->buffered_fd = buffered_fd >= 0 ? buffered_fd : fd;
     blk->capacity = capacity_sectors;
     blk->readonly = readonly != 0;
     memcpy(blk->serial, serial, serial_len < VIRTIO_BLK_ID_BYTES ? serial_len : VIRTIO_BLK_ID_BYTES);
@@ -59,8 +49,10 @@ static int rw_full(int fd, struct iovec *iov, int n, uint64_t off, size_t len, b
         ssize_t r = write ? pwritev(fd, iov, n, (off_t)off) : preadv(fd, iov, n, (off_t)off);
         if (r < 0 && errno == EINTR)
             continue;
-        if (r <= 0)
-            return -1;   /* error, or EOF: the file shrank under us */
+        if (r < 0)
+            return -errno;
+        if (r == 0)
+            return -EIO;   /* EOF: the file shrank under us */
         off += (uint64_t)r;
         len -= (size_t)r;
         n = vhd_iov_skip(iov, n, (size_t)r);
@@ -76,36 +68,39 @@ static bool in_range(const vhd_blk *blk, uint64_t sector, uint64_t bytes)
     return sector <= blk->capacity && sectors <= blk->capacity - sector;
 }
 
-static uint8_t do_rw(vhd_blk *blk, vhd_vring *vr, const struct virtio_blk_outhdr *h,
-                     struct iovec *iov, int n, size_t len, bool write)
+/* Finishes a request: status byte, counters, used element. */
+void vhd_blk_complete(vhd_vring *vr, struct vhd_blk_req *r, uint8_t status)
 {
-    if (write && blk->readonly)
-        return VIRTIO_BLK_S_IOERR;
-    if (!in_range(blk, h->sector, len))
-        return VIRTIO_BLK_S_IOERR;
-    if (rw_full(blk->fd, iov, n, h->sector * SECTOR_SIZE, len, write) < 0)
-        return VIRTIO_BLK_S_IOERR;
-    if (write)
-        vr->stats.bytes_read += len;
-    else
-        vr->stats.bytes_written += len;
-    return VIRTIO_BLK_S_OK;
+    uint32_t used_len = r->status ? 1 : 0;
+    if (status == VIRTIO_BLK_S_OK) {
+        used_len += r->done_len;
+        if (r->op == VHD_BLK_OP_READ)
+            vr->stats.bytes_written += r->len;
+        else if (r->op == VHD_BLK_OP_WRITE)
+            vr->stats.bytes_read += r->len;
+    } else {
+        vr->stats.errors++;
+    }
+    if (r->status)
+        __atomic_store_n(r->status, status, __ATOMIC_RELAXED);
+    vhd_vring_push(vr, r->head, used_len);
 }
 
-int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *c)
+/* Turns a chain into a request.  Requests that need no I/O (errors,
+ * GET_ID) come back as VHD_BLK_OP_DONE with r->result set.  The chain's
+ * iovecs are reused in place for the data, so it must outlive r. */
+void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *r)
 {
-    vr->stats.requests++;
-    if (c->in_len == 0) {
-        /* No device-writable byte to put a status in: complete it empty
-         * rather than write into memory the driver made read-only. */
-        vr->stats.errors++;
-        vhd_vring_push(vr, c->head, 0);
-        return VIRTIO_BLK_S_IOERR;
-    }
+    memset(r, 0, sizeof(*r));
+    r->head = c->head;
+    r->op = VHD_BLK_OP_DONE;
+    r->result = VIRTIO_BLK_S_IOERR;
+    if (c->in_len == 0)
+        return;   /* no device-writable status byte: complete it empty */
     /* Writable iovecs are never empty (zero-length buffers add none), so the
      * status byte is the last byte of the last one. */
     struct iovec *last = &c->iov[c->n_out + c->n_in - 1];
-    uint8_t *status_byte = (uint8_t *)last->iov_base + last->iov_len - 1;
+    r->status = (uint8_t *)last->iov_base + last->iov_len - 1;
     struct iovec *in = &c->iov[c->n_out];
     int n_in = c->n_in;
     last->iov_len--;
@@ -114,38 +109,69 @@ int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *c)
     size_t in_data = c->in_len - 1u;
 
     struct virtio_blk_outhdr h;
-    uint8_t status;
-    uint32_t used_len = 1;
-    if (vhd_iov_to_buf(c->iov, c->n_out, &h, sizeof(h)) < sizeof(h)) {
-        status = VIRTIO_BLK_S_IOERR;
-    } else {
-        switch (h.type) {
-        case VIRTIO_BLK_T_IN:
-            status = do_rw(blk, vr, &h, in, n_in, in_data, false);
-            if (status == VIRTIO_BLK_S_OK)
-                used_len += (uint32_t)in_data;
-            break;
-        case VIRTIO_BLK_T_OUT: {
-            int n_out = vhd_iov_skip(c->iov, c->n_out, sizeof(h));
-            status = do_rw(blk, vr, &h, c->iov, n_out, c->out_len - sizeof(h), true);
-            break;
+    if (vhd_iov_to_buf(c->iov, c->n_out, &h, sizeof(h)) < sizeof(h))
+        return;   /* short header */
+    switch (h.type) {
+    case VIRTIO_BLK_T_IN:
+    case VIRTIO_BLK_T_OUT: {
+        bool write = h.type == VIRTIO_BLK_T_OUT;
+        size_t len = write ? c->out_len - sizeof(h) : in_data;
+        if ((write && blk->readonly) || !in_range(blk, h.sector, len))
+            return;
+        r->op = write ? VHD_BLK_OP_WRITE : VHD_BLK_OP_READ;
+        r->offset = h.sector * SECTOR_SIZE;
+        r->len = len;
+        r->done_len = write ? 0 : (uint32_t)len;
+        if (write) {
+            r->iov = c->iov;
+            r->niov = vhd_iov_skip(c->iov, c->n_out, sizeof(h));
+        } else {
+            r->iov = in;
+            r->niov = n_in;
         }
-        case VIRTIO_BLK_T_FLUSH:
-            status = fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
-            break;
-        case VIRTIO_BLK_T_GET_ID:
-            used_len += (uint32_t)vhd_buf_to_iov(in, n_in, blk->serial,
-                                             in_data < VIRTIO_BLK_ID_BYTES ? in_data : VIRTIO_BLK_ID_BYTES);
-            status = VIRTIO_BLK_S_OK;
-            break;
-        default:
-            status = VIRTIO_BLK_S_UNSUPP;
-            break;
-        }
+        return;
     }
-    if (status != VIRTIO_BLK_S_OK)
-        vr->stats.errors++;
-    __atomic_store_n(status_byte, status, __ATOMIC_RELAXED);
-    vhd_vring_push(vr, c->head, used_len);
+    case VIRTIO_BLK_T_FLUSH:
+        r->op = VHD_BLK_OP_FLUSH;
+        return;
+    case VIRTIO_BLK_T_GET_ID:
+        r->done_len = (uint32_t)vhd_buf_to_iov(in, n_in, blk->serial,
+                                               in_data < VIRTIO_BLK_ID_BYTES ? in_data : VIRTIO_BLK_ID_BYTES);
+        r->result = VIRTIO_BLK_S_OK;
+        return;
+    default:
+        r->result = VIRTIO_BLK_S_UNSUPP;
+        return;
+    }
+}
+
+/* Synchronous execution (the sync engine, and O_DIRECT's fallback for
+ * buffers the kernel refuses to DMA into). */
+uint8_t vhd_blk_execute_sync(const vhd_blk *blk, struct vhd_blk_req *r)
+{
+    switch (r->op) {
+    case VHD_BLK_OP_READ:
+    case VHD_BLK_OP_WRITE:
+    {
+        bool write = r->op == VHD_BLK_OP_WRITE;
+        int rc = rw_full(blk->fd, r->iov, r->niov, r->offset, r->len, write);
+        if (rc == -EINVAL && blk->fd != blk->buffered_fd)   /* O_DIRECT refused the buffers */
+            rc = rw_full(blk->buffered_fd, r->iov, r->niov, r->offset, r->len, write);
+        return rc == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+    }
+    case VHD_BLK_OP_FLUSH:
+        return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+    default:
+        return r->result;
+    }
+}
+
+int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *c)
+{
+    struct vhd_blk_req r;
+    vr->stats.requests++;
+    vhd_blk_parse(blk, c, &r);
+    uint8_t status = vhd_blk_execute_sync(blk, &r);
+    vhd_blk_complete(vr, &r, status);
     return status;
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["mem.c", "vring.c", "iov.c", "blk.c", "net.c", "worker.c"]
+SOURCES = ["mem.c", "vring.c", "iov.c", "blk.c", "blk_uring.c", "net.c", "worker.c"]
 CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]
 
 ffibuilder = FFI()
@@ -23,7 +23,7 @@ ffibuilder.set_source(
     sources=[str((HERE / s).relative_to(HERE.parent)) for s in SOURCES],
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     extra_compile_args=CFLAGS,
-    libraries=["pthread"],
+    libraries=["uring", "pthread"],
 )
 
 if __name__ == "__main__":

@@ -89,6 +89,38 @@ static inline void vhd_store16(uint16_t *p, uint16_t v)
     __atomic_store_n(p, v, __ATOMIC_RELAXED);
 }
 
+/* blk.c: shared by the sync and io_uring engines. */
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+#define VIRTIO_BLK_ID_BYTES 20
+
+struct vhd_blk {
+    int fd;                   /* may be O_DIRECT */
+    int buffered_fd;          /* same file without O_DIRECT (== fd if not direct) */
+    uint64_t capacity;        /* in 512-byte sectors */
+    bool readonly;
+    char serial[VIRTIO_BLK_ID_BYTES];
+};
+
+enum { VHD_BLK_OP_DONE, VHD_BLK_OP_READ, VHD_BLK_OP_WRITE, VHD_BLK_OP_FLUSH };
+
+struct vhd_blk_req {
+    uint16_t head;
+    uint8_t op;
+    uint8_t result;           /* status, for VHD_BLK_OP_DONE */
+    uint8_t *status;          /* the guest's status byte, NULL if it gave none */
+    uint32_t done_len;        /* data bytes written to guest memory on success */
+    uint64_t offset;
+    size_t len;
+    struct iovec *iov;        /* data segments (inside the chain) */
+    int niov;
+};
+
+void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *r);
+uint8_t vhd_blk_execute_sync(const vhd_blk *blk, struct vhd_blk_req *r);
+void vhd_blk_complete(vhd_vring *vr, struct vhd_blk_req *r, uint8_t status);
+
 /* iov.c */
 size_t vhd_iov_to_buf(const struct iovec *iov, int n, void *dst, size_t len);
 size_t vhd_buf_to_iov(const struct iovec *iov, int n, const void *src, size_t len);

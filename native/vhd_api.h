@@ -109,7 +109,9 @@ const struct vhd_vring_stats *vhd_vring_stats(const vhd_vring *vr);
 /* virtio-blk back-end on a file or block device. */
 typedef struct vhd_blk vhd_blk;
 
-vhd_blk *vhd_blk_new(int fd, uint64_t capacity_sectors, int readonly,
+/* buffered_fd: the same file opened without O_DIRECT when fd has it, for
+ * requests whose buffers O_DIRECT refuses; -1 when fd is not O_DIRECT. */
+vhd_blk *vhd_blk_new(int fd, int buffered_fd, uint64_t capacity_sectors, int readonly,
                      const char *serial, uint32_t serial_len);
 void vhd_blk_free(vhd_blk *blk);
 /* Handles one popped chain; pushes its used element.  Returns the status. */
@@ -153,8 +155,21 @@ int vhd_net_rx(vhd_net *net, vhd_vring *vr);
 #define VHD_RX_IDLE 0
 #define VHD_RX_STARVED 1
 
+/* virtio-blk with io_uring: one per ring, up to depth requests in flight.
+ * Completions are signalled on vhd_blk_queue_fd(), which the worker watches. */
+typedef struct vhd_blk_queue vhd_blk_queue;
+
+vhd_blk_queue *vhd_blk_queue_new(const vhd_blk *blk, uint32_t depth, int *err);
+void vhd_blk_queue_free(vhd_blk_queue *q);
+int vhd_blk_queue_fd(const vhd_blk_queue *q);
+/* Reaps completions and submits what the ring holds; returns 0 or a ring error. */
+int vhd_blk_queue_run(vhd_blk_queue *q, vhd_vring *vr);
+/* Waits for and completes every request in flight (before a ring stops). */
+void vhd_blk_queue_drain(vhd_blk_queue *q, vhd_vring *vr);
+
 /* Device kinds a worker can run; the device object is passed as void *. */
 #define VHD_DEV_BLK 1
+#define VHD_DEV_BLK_URING 4
 #define VHD_DEV_NET_RX 2
 #define VHD_DEV_NET_TX 3
 

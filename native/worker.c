@@ -47,6 +47,8 @@ int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
         return vhd_net_tx(dev, vr);
     if (dev_kind == VHD_DEV_NET_RX)
         return vhd_net_rx(dev, vr);
+    if (dev_kind == VHD_DEV_BLK_URING)
+        return vhd_blk_queue_run(dev, vr);
     struct vhd_chain chain;
     int total = 0;
     for (;;) {
@@ -85,7 +87,7 @@ static int watch(int epoll_fd, int fd)
 static void run(vhd_worker *w)
 {
     int rc = vhd_process_ring(w->vr, w->dev_kind, w->dev);
-    if (w->backend_fd < 0)
+    if (w->backend_fd < 0 || w->dev_kind != VHD_DEV_NET_RX)
         return;
     bool want = rc == VHD_RX_IDLE;
     if (want != w->backend_watched) {
@@ -93,6 +95,13 @@ static void run(vhd_worker *w)
         epoll_ctl(w->epoll_fd, EPOLL_CTL_MOD, w->backend_fd, &ev);
         w->backend_watched = want;
     }
+}
+
+/* Before the ring stops, the back-end finishes what it has in flight. */
+static void quiesce(vhd_worker *w)
+{
+    if (w->dev_kind == VHD_DEV_BLK_URING)
+        vhd_blk_queue_drain(w->dev, w->vr);
 }
 
 static void *worker_main(void *arg)
@@ -105,11 +114,15 @@ static void *worker_main(void *arg)
     for (;;) {
         struct epoll_event ev[3];
         int n = epoll_wait(w->epoll_fd, ev, 3, timeout);
-        if (n < 0 && errno != EINTR)
+        if (n < 0 && errno != EINTR) {
+            quiesce(w);
             break;
+        }
         for (int i = 0; i < n; i++) {
-            if (ev[i].data.fd == w->stop_fd)
+            if (ev[i].data.fd == w->stop_fd) {
+                quiesce(w);
                 return NULL;
+            }
             if (ev[i].data.fd == w->kick_fd) {
                 drain_eventfd(w->kick_fd);
                 w->vr->stats.kicks++;

@@ -56,10 +56,11 @@ def _disk_by_serial(serial: str) -> str:
             f'D=/dev/${{b##*/}}; done; [ -n "$D" ] || {{ echo "no disk {serial}"; exit 1; }}')
 
 
-FIO = ("fio --name=verify --filename=$D --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio "
-       "--direct=1 --offset=2M --size=12M --numjobs=2 --offset_increment=12M --loops=2 "
-       "--cpus_allowed=0,1 --cpus_allowed_policy=split --verify=crc32c --verify_fatal=1 "
-       "--group_reporting --output-format=terse")
+FIO_VERIFY = ("fio --name=verify --filename=$D --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio "
+              "--direct=1 --offset=2M --size=12M --numjobs=2 --offset_increment=12M --loops=2 "
+              "--verify=crc32c --verify_fatal=1 --group_reporting --output-format=terse")
+# Two jobs on two vCPUs: each CPU has its own virtio queue.
+FIO = FIO_VERIFY + " --cpus_allowed=0,1 --cpus_allowed_policy=split"
 
 
 def test_guest_io_fio_two_queues_readonly_and_reboot(tmp_path: Path) -> None:
@@ -153,3 +154,15 @@ def _wait_log(v: vhostd_proc.Vhostd, text: str, timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@pytest.mark.parametrize("engine_args", [["--aio", "sync"], ["--direct"]], ids=["sync", "io_uring+O_DIRECT"])
+def test_guest_fio_verify_other_engines(tmp_path: Path, engine_args: list[str]) -> None:
+    guestvm.require_guest()
+    image = vhostd_proc.sparse_image(tmp_path / "disk.img", DISK_SIZE)
+    with vhostd_proc.blk(tmp_path, image, *engine_args) as v:
+        script = (f"D=/dev/vda\n{FIO_VERIFY} > /tmp/fio.out\n"
+                  "echo FIO-ERR $(grep -v '^fio:' /tmp/fio.out | cut -d';' -f5)")
+        res = guestvm.run_guest(script, guestvm.vhost_user_blk_args(v.socket), timeout=180)
+        assert res.rc == 0 and "FIO-ERR 0" in res.output, res.describe()
+        assert v.alive()

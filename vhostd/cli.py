@@ -14,7 +14,7 @@ import trio
 
 from vhostd.daemon import DeviceServer, Listener, run_daemon
 from vhostd.backends.tap import TapError
-from vhostd.devices.blk import MAX_QUEUES, BlkDevice, BlkOptions
+from vhostd.devices.blk import MAX_QUEUES, BlkDevice, BlkOptions, Engine
 from vhostd.devices.net import MAX_QUEUE_PAIRS, NetDevice, NetOptions, format_mac, parse_mac
 
 DEFAULT_IMAGE_SIZE = 1 << 30
@@ -73,11 +73,16 @@ def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
 @click.option("--num-queues", type=click.IntRange(1, MAX_QUEUES), default=1, show_default=True,
               help="Request queues (multi-queue).")
 @click.option("--serial", default="", help="Serial number the guest sees (GET_ID, up to 20 bytes).")
+@click.option("--aio", "engine", type=click.Choice([e.value for e in Engine]), default=Engine.IO_URING.value,
+              show_default=True, help="I/O engine: io_uring keeps many requests in flight per queue; "
+                                      "sync does one at a time.")
+@click.option("--direct", is_flag=True, help="Open the file with O_DIRECT (bypass the host page cache).")
 @click.option("--name", default="blk0", show_default=True, help="Device name used in logs.")
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
 def blk(socket_path: Path | None, fd: int | None, file: Path | None, read_only: bool,
-        num_queues: int, serial: str, name: str, print_capabilities: bool) -> None:
+        num_queues: int, serial: str, engine: str, direct: bool, name: str,
+        print_capabilities: bool) -> None:
     """Serve a virtio-blk device backed by FILE.
 
     \b
@@ -94,8 +99,8 @@ def blk(socket_path: Path | None, fd: int | None, file: Path | None, read_only: 
         raise click.UsageError("--file is required")
     listener = _listener(socket_path, fd)
     try:
-        device = BlkDevice(name, BlkOptions(path=file, read_only=read_only,
-                                            num_queues=num_queues, serial=serial))
+        device = BlkDevice(name, BlkOptions(path=file, read_only=read_only, num_queues=num_queues,
+                                            serial=serial, engine=Engine(engine), direct=direct))
     except ValueError as e:
         raise click.ClickException(f"{name}: {e}")
     _run([DeviceServer(device, listener)])

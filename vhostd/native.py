@@ -14,7 +14,7 @@ from typing import Any
 
 from vhostd._native import ffi, lib
 
-__all__ = ["ffi", "lib", "MemTable", "NativeVring", "Worker", "NativeBlk", "NativeNet",
+__all__ = ["ffi", "lib", "MemTable", "NativeVring", "Worker", "NativeBlk", "NativeBlkQueue", "NativeNet",
            "NativeError", "VringStats", "NetStats", "RING_ERRORS"]
 
 MAX_MEM_REGIONS: int = lib.VHD_MAX_MEM_REGIONS
@@ -156,12 +156,14 @@ class Worker:
 
 
 class NativeBlk:
-    """``vhd_blk``: request handling for one virtio-blk back-end file."""
+    """``vhd_blk``: request handling for one virtio-blk back-end file.
+    As a worker's device it runs the synchronous engine."""
 
     kind: int = lib.VHD_DEV_BLK
 
-    def __init__(self, fd: int, capacity_sectors: int, readonly: bool, serial: bytes) -> None:
-        ptr = lib.vhd_blk_new(fd, capacity_sectors, int(readonly), serial, len(serial))
+    def __init__(self, fd: int, capacity_sectors: int, readonly: bool, serial: bytes,
+                 buffered_fd: int = -1) -> None:
+        ptr = lib.vhd_blk_new(fd, buffered_fd, capacity_sectors, int(readonly), serial, len(serial))
         if ptr == ffi.NULL:
             raise NativeError(errno.ENOMEM, "vhd_blk_new")
         self.ptr: Any = ptr
@@ -170,6 +172,28 @@ class NativeBlk:
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:
             lib.vhd_blk_free(ptr)
+
+
+class NativeBlkQueue:
+    """``vhd_blk_queue``: the io_uring engine for one virtio-blk ring."""
+
+    kind: int = lib.VHD_DEV_BLK_URING
+
+    def __init__(self, blk: NativeBlk, depth: int) -> None:
+        err = ffi.new("int *")
+        ptr = lib.vhd_blk_queue_new(blk.ptr, depth, err)
+        if ptr == ffi.NULL:
+            check(err[0], "io_uring setup")
+        self.ptr: Any = ptr
+
+    @property
+    def completion_fd(self) -> int:
+        return int(lib.vhd_blk_queue_fd(self.ptr))
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_blk_queue_free(ptr)
 
 
 @dataclass(frozen=True)

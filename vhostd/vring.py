@@ -69,8 +69,11 @@ class Vring:
                 f"avail {self.addr.avail_user_addr:#x}, used {self.addr.used_user_addr:#x}: "
                 f"{'not inside guest memory' if e.errno == 14 else 'misaligned or bad size'}"
             ) from None
-        self.worker = Worker(self.native, backend.kind, backend.dev, _fd_or_minus1(self.kick),
-                             backend.backend_fd)
+        try:
+            self.worker = Worker(self.native, backend.kind, backend.dev, _fd_or_minus1(self.kick),
+                                 backend.backend_fd)
+        except NativeError as e:   # e.g. a kick fd epoll cannot watch (a regular file)
+            raise VringError(f"ring {self.index}: {e.strerror}") from None
 
     async def stop(self) -> None:
         """Joins the worker (off the event loop) and saves last_avail_idx."""

@@ -95,6 +95,8 @@ class Session:
                 await self._dispatch(msg)
         except ProtocolError as e:
             log.error("%s: closing connection: %s", self.device.name, e)
+        except ConnectionError as e:   # EPIPE/ECONNRESET: the front-end left mid-exchange
+            log.warning("%s: connection lost: %s", self.device.name, e)
         finally:
             with trio.CancelScope(shield=True):   # workers must be joined even on shutdown
                 await self.close()
@@ -119,6 +121,10 @@ class Session:
         except DeviceError as e:
             log.warning("%s: %s failed: %s", self.device.name, msg.request.spec_name, e)
             reply, status = None, 1
+        except ProtocolError as e:
+            if e.request is None:   # e.g. a ring that cannot start: name the request that started it
+                raise ProtocolError(msg.request, e.reason) from None
+            raise
         finally:
             for fd in msg.fds:   # a handler that keeps an fd removes it from msg.fds
                 fd.close()
