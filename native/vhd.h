@@ -74,6 +74,7 @@ struct vhd_vring {
     bool indirect;
     int call_fd;
     int err_fd;
+    int broken_fd;
     struct vhd_vring_stats stats;
 };
 

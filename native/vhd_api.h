@@ -59,6 +59,7 @@ struct vhd_vring_config {
     int indirect;               /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
     int call_fd;                /* -1: front-end polls, never notify */
     int err_fd;                 /* -1: no error notification */
+    int broken_fd;              /* the daemon's eventfd, signalled too when the ring breaks */
 };
 
 /* Counters written only by the ring's worker; read racily by the
@@ -102,6 +103,8 @@ void vhd_vring_disable_notify(vhd_vring *vr);
 int vhd_vring_enable_notify(vhd_vring *vr);
 /* Marks the ring broken with reason and signals err_fd (NEEDS_RESET). */
 void vhd_vring_set_broken(vhd_vring *vr, int reason);
+/* True if the driver made buffers available that were not popped yet. */
+int vhd_vring_avail_pending(const vhd_vring *vr);
 uint16_t vhd_vring_last_avail_idx(const vhd_vring *vr);
 uint16_t vhd_vring_used_idx(const vhd_vring *vr);
 const struct vhd_vring_stats *vhd_vring_stats(const vhd_vring *vr);
@@ -140,8 +143,12 @@ struct vhd_net_stats {
     uint64_t tx_bad_hdr;    /* invalid virtio_net_hdr from the guest */
 };
 
-/* Returns NULL on allocation failure. */
+/* backend_fd -1 is the null back-end: TX frames are counted and
+ * discarded, RX buffers are filled with a generated frame (benchmarks).
+ * Returns NULL on allocation failure. */
 vhd_net *vhd_net_new(int backend_fd);
+/* The frame the null back-end generates (without virtio_net_hdr). */
+void vhd_net_set_null_frame(vhd_net *net, const uint8_t *frame, uint32_t len);
 void vhd_net_free(vhd_net *net);
 /* Only while both rings of the pair are stopped.  hdr_len is 10 or 12. */
 void vhd_net_configure(vhd_net *net, uint32_t hdr_len, int mrg_rxbuf, uint32_t tx_gso);
@@ -178,9 +185,15 @@ void vhd_blk_queue_drain(vhd_blk_queue *q, vhd_vring *vr);
  * fd (watched only while the guest has buffers).  It never enters Python. */
 typedef struct vhd_worker vhd_worker;
 
+struct vhd_worker_config {
+    uint64_t poll_ns;           /* busy-poll this long after work before sleeping (0: never) */
+    int cpu;                    /* pin the thread to this CPU (-1: no pinning) */
+};
+
 /* Returns NULL and sets *err (negative errno) on failure. */
 vhd_worker *vhd_worker_start(vhd_vring *vr, int dev_kind, void *dev,
-                             int kick_fd, int backend_fd, int *err);
+                             int kick_fd, int backend_fd,
+                             const struct vhd_worker_config *cfg, int *err);
 /* Asks the worker to stop after its current batch and joins it. */
 void vhd_worker_stop(vhd_worker *w);
 

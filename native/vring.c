@@ -25,6 +25,7 @@ vhd_vring *vhd_vring_new(void)
     if (vr) {
         vr->call_fd = -1;
         vr->err_fd = -1;
+        vr->broken_fd = -1;
     }
     return vr;
 }
@@ -72,6 +73,7 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     vr->indirect = cfg->indirect != 0;
     vr->call_fd = cfg->call_fd;
     vr->err_fd = cfg->err_fd;
+    vr->broken_fd = cfg->broken_fd;
     return 0;
 }
 
@@ -82,6 +84,8 @@ void vhd_vring_set_broken(vhd_vring *vr, int reason)
     vr->stats.broken = reason;
     if (vr->err_fd >= 0)
         eventfd_write(vr->err_fd, 1);
+    if (vr->broken_fd >= 0)
+        eventfd_write(vr->broken_fd, 1);
 }
 
 /* One untorn read of each field.  Descriptor tables in the ring are 16-byte
@@ -277,6 +281,11 @@ int vhd_vring_enable_notify(vhd_vring *vr)
     else
         vhd_store16(&vr->used->flags, 0);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
+}
+
+int vhd_vring_avail_pending(const vhd_vring *vr)
+{
     return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
 }
 

@@ -119,7 +119,7 @@ def test_print_capabilities(kind: str, expected: dict[str, object]) -> None:
     (["blk", "--file", "/etc/hostname"], "exactly one of --socket-path and --fd"),
     (["blk", "--socket-path", "/tmp/x.sock"], "--file is required"),
     (["blk", "--file", "/etc/hostname", "--socket-path", "/tmp/x.sock", "--num-queues", "9"], "9 is not in the range"),
-    (["net", "--socket-path", "/tmp/x.sock"], "--tap is required"),
+    (["net", "--socket-path", "/tmp/x.sock"], "--tap is required with the tap back-end"),
 ])
 def test_bad_arguments_give_clear_errors(args: list[str], message: str) -> None:
     res = subprocess.run([*VHOSTD, *args], capture_output=True, text=True, timeout=20)

@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import trio
 
 from vhostd.daemon import DeviceServer, Listener, run_daemon
+from vhostd.vring import WorkerOptions
 from vhostd.backends.tap import TapError
 from vhostd.devices.blk import MAX_QUEUES, BlkDevice, BlkOptions, Engine
 from vhostd.devices.net import MAX_QUEUE_PAIRS, NetDevice, NetOptions, format_mac, parse_mac
@@ -40,6 +43,32 @@ def main(log_level: str) -> None:
     NIC on a tap device.
     """
     _setup_logging(log_level)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def worker_options(f: F) -> F:
+    """--poll-us and --cpu-affinity, shared by every device command."""
+    f = click.option("--poll-us", type=click.IntRange(0, 1000), default=0, show_default=True,
+                     help="After a burst, busy-poll the ring this long before sleeping "
+                          "(lower latency, more CPU; an idle device never polls).")(f)
+    f = click.option("--cpu-affinity", "cpus", default="",
+                     help="Comma-separated CPUs for the ring workers (ring i gets the "
+                          "i-th, cycling) [default: no pinning].")(f)
+    return f
+
+
+def _workers(poll_us: int, cpus: str) -> WorkerOptions:
+    try:
+        cpu_list = tuple(int(c) for c in cpus.split(",") if c.strip())
+    except ValueError:
+        raise click.BadParameter(f"{cpus!r} is not a comma-separated list of CPU numbers",
+                                 param_hint="--cpu-affinity") from None
+    bad = [c for c in cpu_list if not 0 <= c < (os.cpu_count() or 1)]
+    if bad:
+        raise click.BadParameter(f"CPU {bad[0]} does not exist here", param_hint="--cpu-affinity")
+    return WorkerOptions(poll_us=poll_us, cpus=cpu_list)
 
 
 def _listener(socket_path: Path | None, fd: int | None) -> Listener:
@@ -80,9 +109,10 @@ def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
 @click.option("--name", default="blk0", show_default=True, help="Device name used in logs.")
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
+@worker_options
 def blk(socket_path: Path | None, fd: int | None, file: Path | None, read_only: bool,
         num_queues: int, serial: str, engine: str, direct: bool, name: str,
-        print_capabilities: bool) -> None:
+        print_capabilities: bool, poll_us: int, cpus: str) -> None:
     """Serve a virtio-blk device backed by FILE.
 
     \b
@@ -100,7 +130,8 @@ def blk(socket_path: Path | None, fd: int | None, file: Path | None, read_only: 
     listener = _listener(socket_path, fd)
     try:
         device = BlkDevice(name, BlkOptions(path=file, read_only=read_only, num_queues=num_queues,
-                                            serial=serial, engine=Engine(engine), direct=direct))
+                                            serial=serial, engine=Engine(engine), direct=direct),
+                           _workers(poll_us, cpus))
     except ValueError as e:
         raise click.ClickException(f"{name}: {e}")
     _run([DeviceServer(device, listener)])
@@ -162,6 +193,9 @@ def serve(state_dir: Path | None, socket_dir: Path | None) -> None:
 @click.option("--socket-path", type=click.Path(path_type=Path), help="Unix socket to listen on.")
 @click.option("--fd", type=int, help="Inherited listening Unix socket fd (instead of --socket-path).")
 @click.option("--tap", help="Tap device: attached to if it exists, else created (and removed on exit).")
+@click.option("--backend", type=click.Choice(["tap", "null"]), default="tap", show_default=True,
+              help="null: discard guest TX and fill guest RX buffers with a generated 60-byte "
+                   "frame, for benchmarks and tests (no tap).")
 @click.option("--bridge", help="Bridge to enslave the tap to.")
 @click.option("--mtu", type=click.IntRange(68, 65535), help="MTU to set on the tap (the guest learns it via NET_SET_MTU / config).")
 @click.option("--mac", help="Guest MAC in config space [default: stable, derived from the tap name].")
@@ -170,8 +204,10 @@ def serve(state_dir: Path | None, socket_dir: Path | None) -> None:
 @click.option("--name", default="net0", show_default=True, help="Device name used in logs.")
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
-def net(socket_path: Path | None, fd: int | None, tap: str | None, bridge: str | None,
-        mtu: int | None, mac: str | None, queue_pairs: int, name: str, print_capabilities: bool) -> None:
+@worker_options
+def net(socket_path: Path | None, fd: int | None, tap: str | None, backend: str, bridge: str | None,
+        mtu: int | None, mac: str | None, queue_pairs: int, name: str, print_capabilities: bool,
+        poll_us: int, cpus: str) -> None:
     """Serve a virtio-net device whose frames go to and from a tap device.
 
     \b
@@ -184,16 +220,16 @@ def net(socket_path: Path | None, fd: int | None, tap: str | None, bridge: str |
     if print_capabilities:
         click.echo(json.dumps({"type": "net", "features": []}, indent=2))
         return
-    if tap is None:
-        raise click.UsageError("--tap is required")
+    if (tap is None) == (backend == "tap"):
+        raise click.UsageError("--tap is required with the tap back-end (and only with it)")
     listener = _listener(socket_path, fd)
     try:
         options = NetOptions(tap=tap, queue_pairs=queue_pairs, mtu=mtu,
                              mac=parse_mac(mac) if mac else None, bridge=bridge)
-        device = NetDevice(name, options)
+        device = NetDevice(name, options, _workers(poll_us, cpus))
     except (ValueError, TapError, OSError) as e:
         raise click.ClickException(f"{name}: {e}")
-    logging.getLogger("vhostd").info("%s: tap %s (%s), mac %s", name, tap,
-                                     "created" if device.tap.created else "attached",
-                                     format_mac(device.mac))
+    where = (f"tap {tap} ({'created' if device.tap.created else 'attached'})"
+             if device.tap else "null back-end")
+    logging.getLogger("vhostd").info("%s: %s, mac %s", name, where, format_mac(device.mac))
     _run([DeviceServer(device, listener)])

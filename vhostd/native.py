@@ -106,11 +106,12 @@ class NativeVring:
 
     def setup(self, mem: MemTable, *, num: int, desc: int, avail: int, used: int,
               last_avail_idx: int, event_idx: bool, indirect: bool,
-              call_fd: int, err_fd: int) -> None:
+              call_fd: int, err_fd: int, broken_fd: int = -1) -> None:
         cfg = ffi.new("struct vhd_vring_config *", {
             "num": num, "desc_uva": desc, "avail_uva": avail, "used_uva": used,
             "last_avail_idx": last_avail_idx, "event_idx": int(event_idx),
             "indirect": int(indirect), "call_fd": call_fd, "err_fd": err_fd,
+            "broken_fd": broken_fd,
         })
         check(lib.vhd_vring_setup(self.ptr, mem.ptr, cfg), "vring setup")
 
@@ -141,9 +142,10 @@ class Worker:
     """``vhd_worker``: a native thread serving one ring."""
 
     def __init__(self, vring: NativeVring, dev_kind: int, dev: Any, kick_fd: int,
-                 backend_fd: int = -1) -> None:
+                 backend_fd: int = -1, poll_us: int = 0, cpu: int = -1) -> None:
         err = ffi.new("int *")
-        ptr = lib.vhd_worker_start(vring.ptr, dev_kind, dev, kick_fd, backend_fd, err)
+        cfg = ffi.new("struct vhd_worker_config *", {"poll_ns": poll_us * 1000, "cpu": cpu})
+        ptr = lib.vhd_worker_start(vring.ptr, dev_kind, dev, kick_fd, backend_fd, cfg, err)
         if ptr == ffi.NULL:
             check(err[0], "start ring worker")
         self.ptr: Any = ptr
@@ -220,6 +222,9 @@ class NativeNet:
             raise NativeError(errno.ENOMEM, "vhd_net_new")
         self.ptr: Any = ptr
         self.backend_fd = backend_fd
+
+    def set_null_frame(self, frame: bytes) -> None:
+        lib.vhd_net_set_null_frame(self.ptr, frame, len(frame))
 
     def configure(self, hdr_len: int, mrg_rxbuf: bool, tx_gso: int) -> None:
         lib.vhd_net_configure(self.ptr, hdr_len, int(mrg_rxbuf), tx_gso)

@@ -30,6 +30,17 @@ class QueueBackend:
     backend_fd: int = -1
 
 
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How ring workers run: optional bounded busy-poll and CPU pinning."""
+
+    poll_us: int = 0
+    cpus: tuple[int, ...] = ()
+
+    def cpu_for(self, ring: int) -> int:
+        return self.cpus[ring % len(self.cpus)] if self.cpus else -1
+
+
 class VringError(Exception):
     """The front-end configured a ring that cannot run (a protocol error)."""
 
@@ -55,14 +66,15 @@ class Vring:
     def can_run(self, mem: GuestMemory | None) -> bool:
         return self.started and self.enabled and mem is not None and self.num > 0 and self.addr is not None
 
-    def start(self, mem: GuestMemory, backend: QueueBackend, *, event_idx: bool, indirect: bool) -> None:
+    def start(self, mem: GuestMemory, backend: QueueBackend, *, event_idx: bool, indirect: bool,
+              options: WorkerOptions = WorkerOptions(), broken_fd: int = -1) -> None:
         assert self.addr is not None and self.worker is None
         try:
             self.native.setup(
                 mem.table, num=self.num, desc=self.addr.desc_user_addr,
                 avail=self.addr.avail_user_addr, used=self.addr.used_user_addr,
                 last_avail_idx=self.last_avail_idx, event_idx=event_idx, indirect=indirect,
-                call_fd=_fd_or_minus1(self.call), err_fd=_fd_or_minus1(self.err))
+                call_fd=_fd_or_minus1(self.call), err_fd=_fd_or_minus1(self.err), broken_fd=broken_fd)
         except NativeError as e:
             raise VringError(
                 f"ring {self.index}: size {self.num}, desc {self.addr.desc_user_addr:#x}, "
@@ -71,7 +83,7 @@ class Vring:
             ) from None
         try:
             self.worker = Worker(self.native, backend.kind, backend.dev, _fd_or_minus1(self.kick),
-                                 backend.backend_fd)
+                                 backend.backend_fd, options.poll_us, options.cpu_for(self.index))
         except NativeError as e:   # e.g. a kick fd epoll cannot watch (a regular file)
             raise VringError(f"ring {self.index}: {e.strerror}") from None
 

@@ -11,9 +11,9 @@ import abc
 import enum
 
 from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit
-from vhostd.vring import QueueBackend
+from vhostd.vring import QueueBackend, WorkerOptions
 
-__all__ = ["Device", "DeviceError", "DeviceType", "QueueBackend"]
+__all__ = ["Device", "DeviceError", "DeviceType", "QueueBackend", "WorkerOptions"]
 
 
 class DeviceType(enum.Enum):
@@ -42,8 +42,9 @@ COMMON_PROTOCOL_FEATURES = (
 class Device(abc.ABC):
     device_type: DeviceType
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, workers: WorkerOptions = WorkerOptions()) -> None:
         self.name = name
+        self.workers = workers
 
     @property
     @abc.abstractmethod

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from vhostd.devices.base import COMMON_FEATURES, Device, DeviceType, QueueBackend
+from vhostd.devices.base import COMMON_FEATURES, Device, DeviceType, QueueBackend, WorkerOptions
 from vhostd.fds import OwnedFd
 from vhostd.native import MAX_IOV, NativeBlk, NativeBlkQueue, NativeError
 from vhostd.protocol.constants import bit
@@ -83,8 +83,8 @@ def _capacity_bytes(fd: int) -> int:
 class BlkDevice(Device):
     device_type = DeviceType.BLOCK
 
-    def __init__(self, name: str, options: BlkOptions) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, options: BlkOptions, workers: WorkerOptions = WorkerOptions()) -> None:
+        super().__init__(name, workers)
         self.options = options
         flags = (os.O_RDONLY if options.read_only else os.O_RDWR) | os.O_CLOEXEC
         self.file = _open(options.path, flags)

@@ -25,7 +25,15 @@ from vhostd.backends.tap import (
     Tap,
     TapOptions,
 )
-from vhostd.devices.base import COMMON_FEATURES, COMMON_PROTOCOL_FEATURES, Device, DeviceError, DeviceType, QueueBackend
+from vhostd.devices.base import (
+    COMMON_FEATURES,
+    COMMON_PROTOCOL_FEATURES,
+    Device,
+    DeviceError,
+    DeviceType,
+    QueueBackend,
+    WorkerOptions,
+)
 from vhostd.native import NativeNet, lib
 from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit
 
@@ -102,7 +110,9 @@ def format_mac(mac: bytes) -> str:
 
 @dataclass(frozen=True)
 class NetOptions:
-    tap: str
+    """tap None is the null back-end: TX discarded, RX generated (benchmarks, tests)."""
+
+    tap: str | None
     queue_pairs: int = 1
     mtu: int | None = None
     mac: bytes | None = None
@@ -118,12 +128,19 @@ class NetOptions:
 class NetDevice(Device):
     device_type = DeviceType.NET
 
-    def __init__(self, name: str, options: NetOptions) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, options: NetOptions, workers: WorkerOptions = WorkerOptions()) -> None:
+        super().__init__(name, workers)
         self.options = options
-        self.mac = options.mac or default_mac(options.tap)
-        self.tap = Tap(TapOptions(options.tap, options.queue_pairs, options.mtu, options.bridge))
-        self.pairs = [NativeNet(q.fileno()) for q in self.tap.queues]
+        self.mac = options.mac or default_mac(options.tap or name)
+        self.tap: Tap | None = None
+        if options.tap is not None:
+            self.tap = Tap(TapOptions(options.tap, options.queue_pairs, options.mtu, options.bridge))
+            self.pairs = [NativeNet(q.fileno()) for q in self.tap.queues]
+        else:
+            self.pairs = [NativeNet(-1) for _ in range(options.queue_pairs)]
+            frame = b"\xff" * 6 + self.mac + b"\x88\xb5"
+            for p in self.pairs:
+                p.set_null_frame(frame.ljust(60, b"\0"))
         self.hdr_len = 12
 
     @property
@@ -145,8 +162,9 @@ class NetDevice(Device):
 
     def config(self) -> bytes:
         """struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu."""
-        status = VIRTIO_NET_S_LINK_UP if self.tap.is_up() else 0
-        return struct.pack("<6sHHH", self.mac, status, self.options.queue_pairs, self.tap.mtu())
+        status = VIRTIO_NET_S_LINK_UP if self.tap is None or self.tap.is_up() else 0
+        mtu = self.tap.mtu() if self.tap else (self.options.mtu or 1500)
+        return struct.pack("<6sHHH", self.mac, status, self.options.queue_pairs, mtu)
 
     def on_features(self, features: int) -> None:
         def has(f: int) -> bool:
@@ -164,11 +182,12 @@ class NetDevice(Device):
                 rx_offload |= flag
         if not rx_offload & TUN_F_CSUM:
             rx_offload = 0   # the kernel needs partial checksums for any segmentation offload
-        try:
-            self.tap.set_vnet_hdr_size(self.hdr_len)
-            self.tap.set_offload(rx_offload)
-        except OSError as e:
-            raise DeviceError(f"tap {self.tap.name}: {e}") from None
+        if self.tap is not None:
+            try:
+                self.tap.set_vnet_hdr_size(self.hdr_len)
+                self.tap.set_offload(rx_offload)
+            except OSError as e:
+                raise DeviceError(f"tap {self.tap.name}: {e}") from None
         for pair in self.pairs:
             pair.configure(self.hdr_len, mrg, tx_gso)
 
@@ -181,6 +200,8 @@ class NetDevice(Device):
     def set_mtu(self, mtu: int) -> None:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise DeviceError(f"MTU {mtu} is not in {MIN_MTU}..{MAX_MTU}")
+        if self.tap is None:
+            return
         try:
             self.tap.set_mtu(mtu)
         except Exception as e:
@@ -191,6 +212,8 @@ class NetDevice(Device):
         frame = (b"\xff" * 6 + mac + b"\x80\x35"
                  + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 3)
                  + mac + bytes(4) + mac + bytes(4)).ljust(60, b"\0")
+        if self.tap is None:
+            return
         try:
             self.tap.write_frame(frame, self.hdr_len)
         except OSError as e:
@@ -199,4 +222,5 @@ class NetDevice(Device):
     def close(self) -> None:
         for pair in self.pairs:
             pair.close()
-        self.tap.close()
+        if self.tap is not None:
+            self.tap.close()

@@ -10,6 +10,7 @@ request (acked with an error when REPLY_ACK asked for it).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -55,6 +56,8 @@ class Session:
         self.mem: GuestMemory | None = None
         self.closing = False
         self.closed = trio.Event()
+        # Workers signal this when the guest breaks a ring, so it gets logged.
+        self._broken = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self._handlers: dict[Request, Handler] = {
             Request.GET_FEATURES: self._get_features,
@@ -86,6 +89,16 @@ class Session:
     async def run(self) -> None:
         """Serves messages until the front-end disconnects or misbehaves."""
         try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._report_broken_rings)
+                await self._serve_messages()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):   # workers must be joined even on shutdown
+                await self.close()
+
+    async def _serve_messages(self) -> None:
+        try:
             while True:
                 try:
                     msg = await self.channel.recv()
@@ -97,9 +110,20 @@ class Session:
             log.error("%s: closing connection: %s", self.device.name, e)
         except ConnectionError as e:   # EPIPE/ECONNRESET: the front-end left mid-exchange
             log.warning("%s: connection lost: %s", self.device.name, e)
-        finally:
-            with trio.CancelScope(shield=True):   # workers must be joined even on shutdown
-                await self.close()
+
+    async def _report_broken_rings(self) -> None:
+        reported: set[int] = set()
+        while True:
+            await trio.lowlevel.wait_readable(self._broken.fileno())
+            os.eventfd_read(self._broken.fileno())
+            for vr in self.vrings:
+                reason = vr.stats().broken_reason
+                if not reason:
+                    reported.discard(vr.index)   # re-initialised by the front-end
+                elif vr.index not in reported:
+                    reported.add(vr.index)
+                    log.warning("%s: ring %d: guest error, ring stopped (device needs reset): %s",
+                                self.device.name, vr.index, reason)
 
     async def close(self) -> None:
         self.closing = True
@@ -110,6 +134,7 @@ class Session:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+        self._broken.close()
         self.device.on_disconnect()
         self.closed.set()
 
@@ -152,7 +177,8 @@ class Session:
         try:
             vr.start(self.mem, self.device.queue_backend(vr.index),
                      event_idx=self._has_feature(VirtioFeature.RING_EVENT_IDX),
-                     indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC))
+                     indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC),
+                     options=self.device.workers, broken_fd=self._broken.fileno())
         except VringError as e:
             raise ProtocolError(None, str(e)) from None
         log.info("%s: ring %d started (size %d, base %d)", self.device.name, vr.index, vr.num, vr.last_avail_idx)
