@@ -130,3 +130,17 @@ int vhd_mem_gpa_to_iov(const vhd_mem *mem, uint64_t gpa, uint64_t len,
     }
     return n;
 }
+
+void *vhd_map_shared(int fd, uint64_t size, uint64_t offset)
+{
+    if (size == 0 || offset + size < offset)
+        return NULL;
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)offset);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void vhd_unmap(void *addr, uint64_t size)
+{
+    if (addr)
+        munmap(addr, (size_t)size);
+}

@@ -58,6 +58,24 @@ struct vring_used {
     struct vring_used_elem ring[]; /* then avail_event, with EVENT_IDX */
 };
 
+/* Inflight tracking, split ring (vhost-user.rst "Inflight I/O tracking").
+ * The front-end keeps this memory across back-end restarts. */
+struct vhd_inflight_desc {
+    uint8_t inflight;         /* 1 from pop until the used idx covering it is published */
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;         /* pop order, to resubmit in the same order */
+};
+
+struct vhd_inflight_region {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;        /* used->idx whose completions are reflected in desc[] */
+    struct vhd_inflight_desc desc[];
+};
+
 struct vhd_vring {
     const vhd_mem *mem;
     uint32_t num;
@@ -75,6 +93,13 @@ struct vhd_vring {
     int call_fd;
     int err_fd;
     int broken_fd;
+    struct vhd_inflight_region *inflight;
+    uint64_t inflight_counter;
+    uint16_t *unpublished;     /* heads pushed since the last flush (inflight only) */
+    uint32_t n_unpublished;
+    uint16_t *resubmit;        /* heads to hand out again before new avail entries */
+    uint32_t n_resubmit;
+    uint32_t resubmit_pos;
     struct vhd_vring_stats stats;
 };
 

@@ -60,7 +60,16 @@ struct vhd_vring_config {
     int call_fd;                /* -1: front-end polls, never notify */
     int err_fd;                 /* -1: no error notification */
     int broken_fd;              /* the daemon's eventfd, signalled too when the ring breaks */
+    void *inflight;             /* this ring's VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD region, or NULL */
 };
+
+/* Size of one ring's inflight region (split ring layout of vhost-user.rst:
+ * a 16-byte header and one 16-byte DescStateSplit per descriptor). */
+uint64_t vhd_inflight_queue_size(uint32_t queue_size);
+/* Maps size bytes of fd at offset (shared); NULL on failure.  The inflight
+ * buffer: it must outlive the rings that use it. */
+void *vhd_map_shared(int fd, uint64_t size, uint64_t offset);
+void vhd_unmap(void *addr, uint64_t size);
 
 /* Counters written only by the ring's worker; read racily by the
  * control plane for status (64-bit aligned stores are atomic on x86-64). */
@@ -73,6 +82,7 @@ struct vhd_vring_stats {
     uint64_t calls;
     uint64_t batches;
     int64_t broken;             /* 0 or the VHD_ERR_* that broke the ring */
+    uint64_t resubmitted;       /* requests found in flight at setup (inflight region) */
 };
 
 struct vhd_chain {

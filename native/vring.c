@@ -30,9 +30,76 @@ vhd_vring *vhd_vring_new(void)
     return vr;
 }
 
+static void free_inflight_lists(vhd_vring *vr)
+{
+    free(vr->unpublished);
+    free(vr->resubmit);
+    vr->unpublished = vr->resubmit = NULL;
+    vr->n_unpublished = vr->n_resubmit = vr->resubmit_pos = 0;
+}
+
 void vhd_vring_free(vhd_vring *vr)
 {
+    if (vr)
+        free_inflight_lists(vr);
     free(vr);
+}
+
+uint64_t vhd_inflight_queue_size(uint32_t queue_size)
+{
+    uint64_t n = sizeof(struct vhd_inflight_region) + (uint64_t)queue_size * sizeof(struct vhd_inflight_desc);
+    return (n + 63) & ~(uint64_t)63;
+}
+
+static int cmp_counter(const void *a, const void *b, void *arg)
+{
+    const struct vhd_inflight_desc *d = arg;
+    uint64_t x = d[*(const uint16_t *)a].counter, y = d[*(const uint16_t *)b].counter;
+    return x < y ? -1 : x > y;
+}
+
+/* Brings the inflight region in line with the used ring after a restart
+ * and lists what was in flight, in pop order.  A crash can fall between
+ * publishing used->idx and clearing the completed heads' flags: the used
+ * ring itself says which heads those were (entries from the region's
+ * used_idx up to used->idx), so batches need no extra bookkeeping. */
+static int inflight_setup(vhd_vring *vr, struct vhd_inflight_region *reg)
+{
+    vr->unpublished = calloc(vr->num, sizeof(uint16_t));
+    vr->resubmit = calloc(vr->num, sizeof(uint16_t));
+    if (!vr->unpublished || !vr->resubmit)
+        return -ENOMEM;
+    vr->inflight = reg;
+    if (reg->version != 1 || reg->desc_num != vr->num) {
+        /* New region (zeroed by the back-end that created it) or a ring
+         * resized by the front-end: nothing can be in flight. */
+        memset(reg->desc, 0, vr->num * sizeof(reg->desc[0]));
+        reg->desc_num = (uint16_t)vr->num;
+        reg->used_idx = vr->used_idx;
+        __atomic_store_n(&reg->version, 1, __ATOMIC_RELEASE);
+        return 0;
+    }
+    for (uint16_t i = reg->used_idx; i != vr->used_idx; i++) {
+        uint32_t id = __atomic_load_n(&vr->used->ring[i & vr->mask].id, __ATOMIC_RELAXED);
+        if (id < vr->num)
+            reg->desc[id].inflight = 0;
+    }
+    reg->used_idx = vr->used_idx;
+    uint64_t max_counter = 0;
+    for (uint32_t i = 0; i < vr->num; i++) {
+        if (reg->desc[i].inflight != 1)
+            continue;
+        vr->resubmit[vr->n_resubmit++] = (uint16_t)i;
+        if (reg->desc[i].counter > max_counter)
+            max_counter = reg->desc[i].counter;
+    }
+    qsort_r(vr->resubmit, vr->n_resubmit, sizeof(uint16_t), cmp_counter, reg->desc);
+    vr->inflight_counter = max_counter;
+    /* Every popped request is either used or in flight: the next avail
+     * entry to pop follows them all. */
+    vr->last_avail_idx = (uint16_t)(vr->used_idx + vr->n_resubmit);
+    vr->stats.resubmitted += vr->n_resubmit;
+    return 0;
 }
 
 static bool aligned(const void *p, uintptr_t a)
@@ -56,6 +123,7 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     /* Counters survive a re-setup (memory table swap); a broken mark does
      * not: the front-end re-initialised the ring. */
     struct vhd_vring_stats stats = vr->stats;
+    free_inflight_lists(vr);
     memset(vr, 0, sizeof(*vr));
     vr->stats = stats;
     vr->stats.broken = 0;
@@ -74,6 +142,8 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     vr->call_fd = cfg->call_fd;
     vr->err_fd = cfg->err_fd;
     vr->broken_fd = cfg->broken_fd;
+    if (cfg->inflight)
+        return inflight_setup(vr, cfg->inflight);
     return 0;
 }
 
@@ -190,10 +260,25 @@ static int walk_chain(const vhd_vring *vr, struct vhd_chain *c, uint16_t head)
     return 0;
 }
 
+/* Requests in flight when the previous back-end died come first. */
+static int pop_resubmit(vhd_vring *vr, struct vhd_chain *c)
+{
+    uint16_t head = vr->resubmit[vr->resubmit_pos++];
+    c->head = head;
+    int rc = walk_chain(vr, c, head);
+    if (rc < 0) {
+        vhd_vring_set_broken(vr, rc);
+        return rc;
+    }
+    return VHD_POP_OK;
+}
+
 int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *c)
 {
     if (vr->stats.broken)
         return (int)vr->stats.broken;
+    if (vr->resubmit_pos < vr->n_resubmit)
+        return pop_resubmit(vr, c);
     uint16_t avail_idx = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
     uint16_t pending = (uint16_t)(avail_idx - vr->last_avail_idx);
     if (pending == 0)
@@ -213,6 +298,11 @@ int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *c)
         vhd_vring_set_broken(vr, rc);
         return rc;
     }
+    if (vr->inflight) {
+        struct vhd_inflight_desc *d = &vr->inflight->desc[head];
+        d->counter = ++vr->inflight_counter;
+        __atomic_store_n(&d->inflight, 1, __ATOMIC_RELEASE);
+    }
     vr->last_avail_idx++;
     return VHD_POP_OK;
 }
@@ -223,8 +313,21 @@ void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len)
     __atomic_store_n(&e->id, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n(&e->len, len, __ATOMIC_RELAXED);
     vr->used_idx++;
+    if (vr->inflight)
+        vr->unpublished[vr->n_unpublished++] = head;
 }
 
+/* After used->idx covers them, the heads are no longer in flight. */
+static void inflight_published(vhd_vring *vr)
+{
+    struct vhd_inflight_region *reg = vr->inflight;
+    for (uint32_t i = 0; i < vr->n_unpublished; i++)
+        __atomic_store_n(&reg->desc[vr->unpublished[i]].inflight, 0, __ATOMIC_RELEASE);
+    vr->n_unpublished = 0;
+    __atomic_store_n(&reg->used_idx, vr->used_idx, __ATOMIC_RELEASE);
+}
+
+/* Not for rings with inflight tracking (only net RX gives chains back). */
 void vhd_vring_unpop(vhd_vring *vr, uint16_t n)
 {
     vr->last_avail_idx = (uint16_t)(vr->last_avail_idx - n);
@@ -255,6 +358,8 @@ void vhd_vring_flush(vhd_vring *vr)
         return;
     __atomic_store_n(&vr->used->idx, vr->used_idx, __ATOMIC_RELEASE);
     vr->published_idx = vr->used_idx;
+    if (vr->inflight)
+        inflight_published(vr);
     vr->stats.batches++;
     if (vr->call_fd >= 0 && need_call(vr)) {
         eventfd_write(vr->call_fd, 1);

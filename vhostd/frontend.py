@@ -283,6 +283,18 @@ class Frontend:
             raise VhostUserError(f"unexpected reply {hdr} to {request.spec_name}")
         return self._recv_exact(hdr.size)
 
+    def recv_reply_fds(self, request: Request) -> tuple[bytes, list[int]]:
+        """A reply that carries fds (GET_INFLIGHT_FD)."""
+        data, anc, _, _ = self.sock.recvmsg(HEADER_SIZE, socket.CMSG_SPACE(4 * 4))
+        fds = [fd for level, kind, payload in anc
+               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+               for fd in array.array("i", payload[: len(payload) - len(payload) % 4])]
+        data += self._recv_exact(HEADER_SIZE - len(data))
+        hdr = Header.unpack(data)
+        if hdr.request != request or not hdr.flags & HeaderFlag.REPLY:
+            raise VhostUserError(f"unexpected reply {hdr} to {request.spec_name}")
+        return self._recv_exact(hdr.size), fds
+
     def _recv_exact(self, n: int) -> bytes:
         buf = b""
         while len(buf) < n:

@@ -9,9 +9,11 @@ memory hotplug (ADD/REM_MEM_REG) will work too.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from vhostd.fds import OwnedFd, close_all
-from vhostd.native import MemTable, NativeError
+import os
+from typing import Any
+
+from vhostd.native import MemTable, NativeError, SharedMapping, ffi, inflight_queue_size
 from vhostd.protocol.messages import MemRegion
 
 
@@ -48,3 +50,48 @@ class GuestMemory:
 
     def close(self) -> None:
         self.table.close()
+
+
+class InflightBuffer:
+    """The VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD buffer: one region per ring
+    recording which requests are in flight, kept by the front-end across
+    back-end restarts so a new back-end resubmits them."""
+
+    def __init__(self, fd: OwnedFd, mmap_size: int, mmap_offset: int,
+                 num_queues: int, queue_size: int) -> None:
+        """Maps fd (SET_INFLIGHT_FD, or one we created); closes fd."""
+        try:
+            per_queue = inflight_queue_size(queue_size)
+            if mmap_size != num_queues * per_queue:
+                raise GuestMemoryError(f"inflight buffer of {mmap_size} bytes, expected "
+                                       f"{num_queues * per_queue} for {num_queues} queues of {queue_size}")
+            if os.fstat(fd.fileno()).st_size < mmap_offset + mmap_size:
+                raise GuestMemoryError("inflight fd is smaller than mmap_offset + mmap_size")
+            try:
+                self.mapping = SharedMapping(fd.fileno(), mmap_size, mmap_offset)
+            except NativeError as e:
+                raise GuestMemoryError(f"inflight buffer: {e.strerror}") from None
+        finally:
+            fd.close()
+        self.mmap_size = mmap_size
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.per_queue = per_queue
+
+    @classmethod
+    def create(cls, num_queues: int, queue_size: int) -> tuple[InflightBuffer, OwnedFd]:
+        """A new zeroed buffer and the fd to hand the front-end (GET_INFLIGHT_FD)."""
+        size = num_queues * inflight_queue_size(queue_size)
+        fd = OwnedFd(os.memfd_create("vhostd-inflight", os.MFD_CLOEXEC))
+        os.ftruncate(fd.fileno(), size)
+        ours = OwnedFd(os.dup(fd.fileno()))
+        return cls(ours, size, 0, num_queues, queue_size), fd
+
+    def region(self, ring: int) -> Any:
+        """C pointer to ring's region, or NULL for rings beyond the buffer."""
+        if ring >= self.num_queues:
+            return ffi.NULL
+        return self.mapping.at(ring * self.per_queue)
+
+    def close(self) -> None:
+        self.mapping.close()

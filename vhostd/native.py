@@ -15,7 +15,7 @@ from typing import Any
 from vhostd._native import ffi, lib
 
 __all__ = ["ffi", "lib", "MemTable", "NativeVring", "Worker", "NativeBlk", "NativeBlkQueue", "NativeNet",
-           "NativeError", "VringStats", "NetStats", "RING_ERRORS"]
+           "NativeError", "SharedMapping", "inflight_queue_size", "VringStats", "NetStats", "RING_ERRORS"]
 
 MAX_MEM_REGIONS: int = lib.VHD_MAX_MEM_REGIONS
 MAX_QUEUE_SIZE: int = lib.VHD_MAX_QUEUE_SIZE
@@ -79,6 +79,30 @@ class MemTable:
             lib.vhd_mem_free(ptr)
 
 
+def inflight_queue_size(queue_size: int) -> int:
+    return int(lib.vhd_inflight_queue_size(queue_size))
+
+
+class SharedMapping:
+    """A MAP_SHARED mapping of an fd (the inflight buffer)."""
+
+    def __init__(self, fd: int, size: int, offset: int = 0) -> None:
+        ptr = lib.vhd_map_shared(fd, size, offset)
+        if ptr == ffi.NULL:
+            raise NativeError(errno.EINVAL, f"cannot map {size} bytes at offset {offset}")
+        self.ptr: Any = ptr
+        self.size = size
+
+    def at(self, offset: int) -> Any:
+        assert 0 <= offset < self.size
+        return ffi.cast("char *", self.ptr) + offset
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_unmap(ptr, self.size)
+
+
 @dataclass(frozen=True)
 class VringStats:
     requests: int
@@ -89,6 +113,7 @@ class VringStats:
     calls: int
     batches: int
     broken: int
+    resubmitted: int
 
     @property
     def broken_reason(self) -> str | None:
@@ -106,12 +131,12 @@ class NativeVring:
 
     def setup(self, mem: MemTable, *, num: int, desc: int, avail: int, used: int,
               last_avail_idx: int, event_idx: bool, indirect: bool,
-              call_fd: int, err_fd: int, broken_fd: int = -1) -> None:
+              call_fd: int, err_fd: int, broken_fd: int = -1, inflight: Any = ffi.NULL) -> None:
         cfg = ffi.new("struct vhd_vring_config *", {
             "num": num, "desc_uva": desc, "avail_uva": avail, "used_uva": used,
             "last_avail_idx": last_avail_idx, "event_idx": int(event_idx),
             "indirect": int(indirect), "call_fd": call_fd, "err_fd": err_fd,
-            "broken_fd": broken_fd,
+            "broken_fd": broken_fd, "inflight": inflight,
         })
         check(lib.vhd_vring_setup(self.ptr, mem.ptr, cfg), "vring setup")
 
@@ -126,7 +151,7 @@ class NativeVring:
     def stats(self) -> VringStats:
         s = lib.vhd_vring_stats(self.ptr)
         return VringStats(s.requests, s.bytes_read, s.bytes_written, s.errors,
-                          s.kicks, s.calls, s.batches, s.broken)
+                          s.kicks, s.calls, s.batches, s.broken, s.resubmitted)
 
     def process(self, dev_kind: int, dev: Any) -> int:
         """Drain the ring once in this thread (tests; workers do it natively)."""

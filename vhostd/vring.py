@@ -16,7 +16,7 @@ import trio
 
 from vhostd.fds import OwnedFd, close_all
 from vhostd.memory import GuestMemory
-from vhostd.native import NativeError, NativeVring, VringStats, Worker
+from vhostd.native import NativeError, NativeVring, VringStats, Worker, ffi
 from vhostd.protocol.messages import VringAddr
 
 
@@ -67,14 +67,16 @@ class Vring:
         return self.started and self.enabled and mem is not None and self.num > 0 and self.addr is not None
 
     def start(self, mem: GuestMemory, backend: QueueBackend, *, event_idx: bool, indirect: bool,
-              options: WorkerOptions = WorkerOptions(), broken_fd: int = -1) -> None:
+              options: WorkerOptions = WorkerOptions(), broken_fd: int = -1,
+              inflight: Any = None) -> None:
         assert self.addr is not None and self.worker is None
         try:
             self.native.setup(
                 mem.table, num=self.num, desc=self.addr.desc_user_addr,
                 avail=self.addr.avail_user_addr, used=self.addr.used_user_addr,
                 last_avail_idx=self.last_avail_idx, event_idx=event_idx, indirect=indirect,
-                call_fd=_fd_or_minus1(self.call), err_fd=_fd_or_minus1(self.err), broken_fd=broken_fd)
+                call_fd=_fd_or_minus1(self.call), err_fd=_fd_or_minus1(self.err), broken_fd=broken_fd,
+                inflight=ffi.NULL if inflight is None else inflight)
         except NativeError as e:
             raise VringError(
                 f"ring {self.index}: size {self.num}, desc {self.addr.desc_user_addr:#x}, "

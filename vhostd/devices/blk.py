@@ -10,10 +10,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from vhostd.devices.base import COMMON_FEATURES, Device, DeviceType, QueueBackend, WorkerOptions
+from vhostd.devices.base import COMMON_FEATURES, COMMON_PROTOCOL_FEATURES, Device, DeviceType, QueueBackend, WorkerOptions
 from vhostd.fds import OwnedFd
 from vhostd.native import MAX_IOV, NativeBlk, NativeBlkQueue, NativeError
-from vhostd.protocol.constants import bit
+from vhostd.protocol.constants import ProtocolFeature, bit
 
 SECTOR_SIZE = 512
 MAX_QUEUES = 8
@@ -121,6 +121,10 @@ class BlkDevice(Device):
         if self.options.read_only:
             f |= bit(BlkFeature.RO)
         return f
+
+    def protocol_features(self) -> int:
+        # Requests in flight survive a restart of vhostd (the front-end keeps the buffer).
+        return COMMON_PROTOCOL_FEATURES | bit(ProtocolFeature.INFLIGHT_SHMFD)
 
     def config(self) -> bytes:
         """struct virtio_blk_config up to num_queues (later fields stay zero)."""

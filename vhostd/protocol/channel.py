@@ -72,8 +72,12 @@ class Channel:
             raise
         return decode(header, payload, fds)
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, fds: list[int] | None = None) -> None:
         view = memoryview(data)
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            n = await self.sock.sendmsg([view], anc)
+            view = view[n:]
         while view:
             n = await self.sock.send(view)
             view = view[n:]

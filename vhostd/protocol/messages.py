@@ -177,7 +177,25 @@ class Config:
         return cls(offset, size, flags, bytes(data[cls._S.size:]))
 
 
-Payload = Union[None, U64, VringState, VringAddr, MemTable, Config]
+@dataclass(frozen=True)
+class Inflight:
+    """GET/SET_INFLIGHT_FD: the shared buffer for inflight I/O tracking."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+    _S = struct.Struct("<QQHH4x")
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Inflight:
+        return cls(*cls._S.unpack(data))
+
+
+Payload = Union[None, U64, VringState, VringAddr, MemTable, Config, Inflight]
 
 
 class PayloadKind(enum.Enum):
@@ -187,6 +205,7 @@ class PayloadKind(enum.Enum):
     VRING_ADDR = VringAddr
     MEM_TABLE = MemTable
     CONFIG = Config
+    INFLIGHT = Inflight
 
     def size_ok(self, size: int) -> bool:
         if self is PayloadKind.NONE:
@@ -239,6 +258,8 @@ SPECS: dict[Request, Spec] = {
     Request.GET_MAX_MEM_SLOTS: Spec(P.NONE, reply=P.U64),
     Request.NET_SET_MTU: Spec(P.U64),
     Request.SEND_RARP: Spec(P.U64),
+    Request.GET_INFLIGHT_FD: Spec(P.INFLIGHT, reply=P.INFLIGHT),
+    Request.SET_INFLIGHT_FD: Spec(P.INFLIGHT, F.ONE),
 }
 del P, F
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
 from vhostd.devices.base import Device, DeviceError
-from vhostd.fds import OwnedFd
-from vhostd.memory import GuestMemory, GuestMemoryError
+from vhostd.fds import OwnedFd, close_all
+from vhostd.memory import GuestMemory, GuestMemoryError, InflightBuffer
 from vhostd.protocol.channel import Channel, Disconnected
 from vhostd.protocol.constants import (
     MAX_QUEUE_SIZE,
@@ -29,6 +30,7 @@ from vhostd.protocol.constants import (
 from vhostd.protocol.messages import (
     SPECS,
     Config,
+    Inflight,
     MemTable,
     Message,
     ProtocolError,
@@ -43,7 +45,15 @@ from vhostd.vring import Vring, VringError
 
 log = logging.getLogger("vhostd.session")
 
-Handler = Callable[[Message], Awaitable[bytes | None]]
+@dataclass(frozen=True)
+class Reply:
+    """A reply payload that carries fds (GET_INFLIGHT_FD)."""
+
+    payload: bytes
+    fds: tuple[OwnedFd, ...] = ()
+
+
+Handler = Callable[[Message], Awaitable[bytes | Reply | None]]
 VHOST_VRING_F_LOG = 0x1
 
 
@@ -54,6 +64,7 @@ class Session:
         self.features = 0            # acked virtio features (SET_FEATURES)
         self.protocol_features = 0   # acked protocol features
         self.mem: GuestMemory | None = None
+        self.inflight: InflightBuffer | None = None
         self.closing = False
         self.closed = trio.Event()
         # Workers signal this when the guest breaks a ring, so it gets logged.
@@ -81,6 +92,8 @@ class Session:
             Request.SET_CONFIG: self._set_config,
             Request.NET_SET_MTU: self._net_set_mtu,
             Request.SEND_RARP: self._send_rarp,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
         assert set(self._handlers) == set(SPECS), "every accepted request needs a handler"
 
@@ -134,6 +147,9 @@ class Session:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         self._broken.close()
         self.device.on_disconnect()
         self.closed.set()
@@ -156,7 +172,14 @@ class Session:
         if SPECS[msg.request].reply is not None:
             if reply is None:
                 raise ProtocolError(msg.request, "no reply could be produced")
-            await self.channel.send(encode_reply(msg.request, reply))
+            if isinstance(reply, Reply):
+                try:
+                    await self.channel.send(encode_reply(msg.request, reply.payload),
+                                            [fd.fileno() for fd in reply.fds])
+                finally:
+                    close_all(reply.fds)
+            else:
+                await self.channel.send(encode_reply(msg.request, reply))
         elif msg.need_reply and self.protocol_features & bit(ProtocolFeature.REPLY_ACK):
             await self.channel.send(encode_reply(msg.request, U64(status).pack()))
 
@@ -178,7 +201,8 @@ class Session:
             vr.start(self.mem, self.device.queue_backend(vr.index),
                      event_idx=self._has_feature(VirtioFeature.RING_EVENT_IDX),
                      indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC),
-                     options=self.device.workers, broken_fd=self._broken.fileno())
+                     options=self.device.workers, broken_fd=self._broken.fileno(),
+                     inflight=self.inflight.region(vr.index) if self.inflight else None)
         except VringError as e:
             raise ProtocolError(None, str(e)) from None
         log.info("%s: ring %d started (size %d, base %d)", self.device.name, vr.index, vr.num, vr.last_avail_idx)
@@ -387,4 +411,41 @@ class Session:
     async def _send_rarp(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         self.device.send_rarp(msg.payload.value.to_bytes(8, "little")[:6])
+        return None
+
+    # --- inflight I/O tracking ------------------------------------------------
+
+    def _check_inflight(self, msg: Message) -> Inflight:
+        assert isinstance(msg.payload, Inflight)
+        p = msg.payload
+        if not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD):
+            raise ProtocolError(msg.request, "INFLIGHT_SHMFD was not negotiated")
+        if not 1 <= p.num_queues <= len(self.vrings):
+            raise ProtocolError(msg.request, f"{p.num_queues} queues, device has {len(self.vrings)}")
+        if not 1 <= p.queue_size <= MAX_QUEUE_SIZE:
+            raise ProtocolError(msg.request, f"queue size {p.queue_size} not in 1..{MAX_QUEUE_SIZE}")
+        if any(vr.running for vr in self.vrings):
+            raise ProtocolError(msg.request, "rings are running")
+        return p
+
+    async def _get_inflight_fd(self, msg: Message) -> Reply:
+        p = self._check_inflight(msg)
+        buf, fd = InflightBuffer.create(p.num_queues, p.queue_size)
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = buf
+        log.info("%s: inflight buffer for %d queues of %d", self.device.name, p.num_queues, p.queue_size)
+        return Reply(Inflight(buf.mmap_size, 0, p.num_queues, p.queue_size).pack(), (fd,))
+
+    async def _set_inflight_fd(self, msg: Message) -> None:
+        p = self._check_inflight(msg)
+        fd = msg.fds.pop()
+        try:
+            buf = InflightBuffer(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
+        except GuestMemoryError as e:
+            raise ProtocolError(msg.request, str(e)) from None
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = buf
+        log.info("%s: inflight buffer restored (%d queues of %d)", self.device.name, p.num_queues, p.queue_size)
         return None
