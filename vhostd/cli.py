@@ -48,6 +48,18 @@ def main(log_level: str) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def endpoint_options(f: F) -> F:
+    """--socket-path / --fd / --client, shared by every device command."""
+    f = click.option("--client", is_flag=True,
+                     help="Connect to --socket-path, where the front-end listens "
+                          "(QEMU: -chardev socket,server=on,wait=off), and reconnect "
+                          "whenever it goes away.")(f)
+    f = click.option("--fd", type=int, help="Inherited listening Unix socket fd (instead of --socket-path).")(f)
+    f = click.option("--socket-path", type=click.Path(path_type=Path),
+                     help="Unix socket to listen on (or, with --client, to connect to).")(f)
+    return f
+
+
 def worker_options(f: F) -> F:
     """--poll-us and --cpu-affinity, shared by every device command."""
     f = click.option("--poll-us", type=click.IntRange(0, 1000), default=0, show_default=True,
@@ -71,10 +83,12 @@ def _workers(poll_us: int, cpus: str) -> WorkerOptions:
     return WorkerOptions(poll_us=poll_us, cpus=cpu_list)
 
 
-def _listener(socket_path: Path | None, fd: int | None) -> Listener:
+def _listener(socket_path: Path | None, fd: int | None, client: bool = False) -> Listener:
     if (socket_path is None) == (fd is None):
         raise click.UsageError("give exactly one of --socket-path and --fd")
-    return Listener(socket_path=socket_path, fd=fd)
+    if client and fd is not None:
+        raise click.UsageError("--client connects to --socket-path; it cannot use --fd")
+    return Listener(socket_path=socket_path, fd=fd, client=client)
 
 
 def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
@@ -94,8 +108,7 @@ def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
 
 
 @main.command()
-@click.option("--socket-path", type=click.Path(path_type=Path), help="Unix socket to listen on.")
-@click.option("--fd", type=int, help="Inherited listening Unix socket fd (instead of --socket-path).")
+@endpoint_options
 @click.option("--file", "--blk-file", "file", type=click.Path(path_type=Path, dir_okay=False),
               help="Disk image (regular file) or block device to serve.")
 @click.option("--read-only", is_flag=True, help="Offer VIRTIO_BLK_F_RO and refuse writes.")
@@ -110,7 +123,7 @@ def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
 @worker_options
-def blk(socket_path: Path | None, fd: int | None, file: Path | None, read_only: bool,
+def blk(socket_path: Path | None, fd: int | None, client: bool, file: Path | None, read_only: bool,
         num_queues: int, serial: str, engine: str, direct: bool, name: str,
         print_capabilities: bool, poll_us: int, cpus: str) -> None:
     """Serve a virtio-blk device backed by FILE.
@@ -127,7 +140,7 @@ def blk(socket_path: Path | None, fd: int | None, file: Path | None, read_only: 
         return
     if file is None:
         raise click.UsageError("--file is required")
-    listener = _listener(socket_path, fd)
+    listener = _listener(socket_path, fd, client)
     try:
         device = BlkDevice(name, BlkOptions(path=file, read_only=read_only, num_queues=num_queues,
                                             serial=serial, engine=Engine(engine), direct=direct),
@@ -190,8 +203,7 @@ def serve(state_dir: Path | None, socket_dir: Path | None) -> None:
 
 
 @main.command()
-@click.option("--socket-path", type=click.Path(path_type=Path), help="Unix socket to listen on.")
-@click.option("--fd", type=int, help="Inherited listening Unix socket fd (instead of --socket-path).")
+@endpoint_options
 @click.option("--tap", help="Tap device: attached to if it exists, else created (and removed on exit).")
 @click.option("--backend", type=click.Choice(["tap", "null"]), default="tap", show_default=True,
               help="null: discard guest TX and fill guest RX buffers with a generated 60-byte "
@@ -205,7 +217,7 @@ def serve(state_dir: Path | None, socket_dir: Path | None) -> None:
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
 @worker_options
-def net(socket_path: Path | None, fd: int | None, tap: str | None, backend: str, bridge: str | None,
+def net(socket_path: Path | None, fd: int | None, client: bool, tap: str | None, backend: str, bridge: str | None,
         mtu: int | None, mac: str | None, queue_pairs: int, name: str, print_capabilities: bool,
         poll_us: int, cpus: str) -> None:
     """Serve a virtio-net device whose frames go to and from a tap device.
@@ -222,7 +234,7 @@ def net(socket_path: Path | None, fd: int | None, tap: str | None, backend: str,
         return
     if (tap is None) == (backend == "tap"):
         raise click.UsageError("--tap is required with the tap back-end (and only with it)")
-    listener = _listener(socket_path, fd)
+    listener = _listener(socket_path, fd, client)
     try:
         options = NetOptions(tap=tap, queue_pairs=queue_pairs, mtu=mtu,
                              mac=parse_mac(mac) if mac else None, bridge=bridge)

@@ -28,16 +28,24 @@ from vhostd.protocol.session import Session
 
 log = logging.getLogger("vhostd")
 
+# --client: first retry after 50 ms, doubling up to 1 s between attempts.
+RECONNECT_MIN_S = 0.05
+RECONNECT_MAX_S = 1.0
+
 
 @dataclass
 class Listener:
-    """Where a device's front-ends connect: a path vhostd binds, or an inherited fd."""
+    """Where a device meets its front-end: a path vhostd binds, an inherited
+    listening fd, or (client) a path where the front-end listens."""
 
     socket_path: Path | None = None
     fd: int | None = None
+    client: bool = False
     sock: trio.socket.SocketType | None = field(default=None, repr=False)
 
     def open(self) -> None:
+        if self.client:
+            return   # nothing to bind: DeviceServer connects (and reconnects)
         if self.fd is not None:
             s = socket.socket(fileno=self.fd)
             if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
@@ -59,6 +67,8 @@ class Listener:
         self.sock = trio.socket.from_stdlib_socket(s)
 
     def close(self) -> None:
+        if self.client:
+            return
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -69,6 +79,8 @@ class Listener:
                     pass
 
     def describe(self) -> str:
+        if self.client:
+            return f"{self.socket_path} (client)"
         return str(self.socket_path) if self.socket_path is not None else f"fd {self.fd}"
 
 
@@ -93,6 +105,9 @@ class DeviceServer:
         self.connections = 0
 
     async def serve(self) -> None:
+        if self.listener.client:
+            await self._serve_as_client()
+            return
         assert self.listener.sock is not None
         async with trio.open_nursery() as nursery:
             while True:
@@ -111,6 +126,32 @@ class DeviceServer:
                 self.session = Session(self.device, Channel(conn))
                 log.info("%s: front-end connected on %s", self.device.name, self.listener.describe())
                 nursery.start_soon(self._run_session, self.session, conn)
+
+    async def _serve_as_client(self) -> None:
+        """--client: connect to the front-end's socket; when it goes away
+        (QEMU restarted, migration), keep retrying with back-off."""
+        assert self.listener.socket_path is not None
+        path = str(self.listener.socket_path)
+        delay = RECONNECT_MIN_S
+        waiting_logged = False
+        while True:
+            conn = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await conn.connect(path)
+            except OSError as e:
+                conn.close()
+                if not waiting_logged:
+                    log.info("%s: waiting for the front-end at %s (%s)", self.device.name, path, e.strerror)
+                    waiting_logged = True
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            delay, waiting_logged = RECONNECT_MIN_S, False
+            self.connections += 1
+            self._conn = conn
+            self.session = Session(self.device, Channel(conn))
+            log.info("%s: connected to the front-end at %s", self.device.name, path)
+            await self._run_session(self.session, conn)
 
     async def _run_session(self, session: Session, conn: trio.socket.SocketType) -> None:
         try:

@@ -197,6 +197,7 @@ class Session:
         if vr.running or not vr.can_run(self.mem):
             return
         assert self.mem is not None
+        resubmitted = vr.stats().resubmitted
         try:
             vr.start(self.mem, self.device.queue_backend(vr.index),
                      event_idx=self._has_feature(VirtioFeature.RING_EVENT_IDX),
@@ -205,7 +206,10 @@ class Session:
                      inflight=self.inflight.region(vr.index) if self.inflight else None)
         except VringError as e:
             raise ProtocolError(None, str(e)) from None
-        log.info("%s: ring %d started (size %d, base %d)", self.device.name, vr.index, vr.num, vr.last_avail_idx)
+        log.info("%s: ring %d started (size %d, base %d)", self.device.name, vr.index, vr.num,
+                 vr.native.last_avail_idx)
+        if (n := vr.stats().resubmitted - resubmitted) > 0:
+            log.info("%s: ring %d: resubmitting %d requests that were in flight", self.device.name, vr.index, n)
 
     async def _restart(self, vr: Vring) -> None:
         """Stop and start again so the worker picks up changed state."""
