@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
@@ -55,6 +56,9 @@ def endpoint_options(f: F) -> F:
                           "(QEMU: -chardev socket,server=on,wait=off), and reconnect "
                           "whenever it goes away.")(f)
     f = click.option("--fd", type=int, help="Inherited listening Unix socket fd (instead of --socket-path).")(f)
+    f = click.option("--socket-group",
+                     help="Group allowed to connect: the socket gets mode 0660 and this "
+                          "group [default: 0600, owner only].")(f)
     f = click.option("--socket-path", type=click.Path(path_type=Path),
                      help="Unix socket to listen on (or, with --client, to connect to).")(f)
     return f
@@ -83,12 +87,19 @@ def _workers(poll_us: int, cpus: str) -> WorkerOptions:
     return WorkerOptions(poll_us=poll_us, cpus=cpu_list)
 
 
-def _listener(socket_path: Path | None, fd: int | None, client: bool = False) -> Listener:
+def _listener(socket_path: Path | None, fd: int | None, client: bool = False,
+              socket_group: str | None = None) -> Listener:
     if (socket_path is None) == (fd is None):
         raise click.UsageError("give exactly one of --socket-path and --fd")
     if client and fd is not None:
         raise click.UsageError("--client connects to --socket-path; it cannot use --fd")
-    return Listener(socket_path=socket_path, fd=fd, client=client)
+    gid = None
+    if socket_group is not None:
+        try:
+            gid = grp.getgrnam(socket_group).gr_gid
+        except KeyError:
+            raise click.BadParameter(f"no group {socket_group!r}", param_hint="--socket-group") from None
+    return Listener(socket_path=socket_path, fd=fd, client=client, group=gid)
 
 
 def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
@@ -123,7 +134,7 @@ def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
 @worker_options
-def blk(socket_path: Path | None, fd: int | None, client: bool, file: Path | None, read_only: bool,
+def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool, file: Path | None, read_only: bool,
         num_queues: int, serial: str, engine: str, direct: bool, name: str,
         print_capabilities: bool, poll_us: int, cpus: str) -> None:
     """Serve a virtio-blk device backed by FILE.
@@ -140,7 +151,7 @@ def blk(socket_path: Path | None, fd: int | None, client: bool, file: Path | Non
         return
     if file is None:
         raise click.UsageError("--file is required")
-    listener = _listener(socket_path, fd, client)
+    listener = _listener(socket_path, fd, client, socket_group)
     try:
         device = BlkDevice(name, BlkOptions(path=file, read_only=read_only, num_queues=num_queues,
                                             serial=serial, engine=Engine(engine), direct=direct),
@@ -217,7 +228,7 @@ def serve(state_dir: Path | None, socket_dir: Path | None) -> None:
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
 @worker_options
-def net(socket_path: Path | None, fd: int | None, client: bool, tap: str | None, backend: str, bridge: str | None,
+def net(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool, tap: str | None, backend: str, bridge: str | None,
         mtu: int | None, mac: str | None, queue_pairs: int, name: str, print_capabilities: bool,
         poll_us: int, cpus: str) -> None:
     """Serve a virtio-net device whose frames go to and from a tap device.
@@ -234,7 +245,7 @@ def net(socket_path: Path | None, fd: int | None, client: bool, tap: str | None,
         return
     if (tap is None) == (backend == "tap"):
         raise click.UsageError("--tap is required with the tap back-end (and only with it)")
-    listener = _listener(socket_path, fd, client)
+    listener = _listener(socket_path, fd, client, socket_group)
     try:
         options = NetOptions(tap=tap, queue_pairs=queue_pairs, mtu=mtu,
                              mac=parse_mac(mac) if mac else None, bridge=bridge)

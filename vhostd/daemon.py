@@ -41,6 +41,7 @@ class Listener:
     socket_path: Path | None = None
     fd: int | None = None
     client: bool = False
+    group: int | None = None     # --socket-group: mode 0660 with this group, else 0600
     sock: trio.socket.SocketType | None = field(default=None, repr=False)
 
     def open(self) -> None:
@@ -59,7 +60,12 @@ class Listener:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             s.bind(str(path))
-            os.chmod(path, 0o600)   # before listen(): nobody else can connect
+            # Before listen(): nobody else can connect in between.
+            if self.group is not None:
+                os.chown(path, -1, self.group)
+                os.chmod(path, 0o660)
+            else:
+                os.chmod(path, 0o600)
             s.listen(4)
         except OSError:
             s.close()
