@@ -16,14 +16,14 @@ class Vhostd:
     """`vhostd ARGS` with --log-level debug; `socket` is waited for."""
 
     def __init__(self, args: Sequence[str], socket: Path | None, log_path: Path,
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.args = list(args)
         self.socket = socket
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "vhostd", "--log-level", "debug", *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         if socket is not None:
             self.wait_listening()
 

@@ -1,5 +1,8 @@
 """Command line (QEMU's vhost-user back-end program conventions:
---socket-path / --fd, --print-capabilities, never daemonize)."""
+--socket-path / --fd, --print-capabilities, never daemonize).
+
+`blk` and `net` serve one device from options; `serve` serves a
+configuration file (or the built-in default); both run the same Daemon."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,13 +19,15 @@ from typing import Any, TypeVar
 import click
 import trio
 
-from vhostd.daemon import DeviceServer, Listener, run_daemon
-from vhostd.vring import WorkerOptions
-from vhostd.backends.tap import TapError
-from vhostd.devices.blk import MAX_QUEUES, BlkDevice, BlkOptions, Engine
-from vhostd.devices.net import MAX_QUEUE_PAIRS, NetDevice, NetOptions, format_mac, parse_mac
+from vhostd import config as config_mod
+from vhostd import control
+from vhostd.config import BlkConfig, Config, DaemonConfig, DeviceConfig, Endpoint, NetConfig, Workers
+from vhostd.daemon import Daemon, DaemonError
+from vhostd.devices.blk import MAX_QUEUES, Engine
+from vhostd.devices.net import MAX_QUEUE_PAIRS, parse_mac
 
 DEFAULT_IMAGE_SIZE = 1 << 30
+log = logging.getLogger("vhostd")
 
 
 def _setup_logging(level: str) -> None:
@@ -39,9 +45,9 @@ def main(log_level: str) -> None:
     """vhostd: a vhost-user back-end for virtio-blk and virtio-net devices.
 
     QEMU connects to vhostd's Unix socket and shares guest memory; vhostd
-    moves the data in native threads.  `vhostd serve` starts a default disk;
-    `vhostd blk` serves one disk image or block device, `vhostd net` one
-    NIC on a tap device.
+    moves the data in native threads.  `vhostd serve` starts the devices of
+    a configuration file (or a default disk), `vhostd blk` serves one disk
+    image or block device, `vhostd net` one NIC on a tap device.
     """
     _setup_logging(log_level)
 
@@ -50,7 +56,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def endpoint_options(f: F) -> F:
-    """--socket-path / --fd / --client, shared by every device command."""
+    """--socket-path / --fd / --client / --socket-group, shared by every device command."""
     f = click.option("--client", is_flag=True,
                      help="Connect to --socket-path, where the front-end listens "
                           "(QEMU: -chardev socket,server=on,wait=off), and reconnect "
@@ -75,7 +81,7 @@ def worker_options(f: F) -> F:
     return f
 
 
-def _workers(poll_us: int, cpus: str) -> WorkerOptions:
+def _workers(poll_us: int, cpus: str) -> Workers:
     try:
         cpu_list = tuple(int(c) for c in cpus.split(",") if c.strip())
     except ValueError:
@@ -84,38 +90,31 @@ def _workers(poll_us: int, cpus: str) -> WorkerOptions:
     bad = [c for c in cpu_list if not 0 <= c < (os.cpu_count() or 1)]
     if bad:
         raise click.BadParameter(f"CPU {bad[0]} does not exist here", param_hint="--cpu-affinity")
-    return WorkerOptions(poll_us=poll_us, cpus=cpu_list)
+    return Workers(poll_us=poll_us, cpu_affinity=cpu_list)
 
 
-def _listener(socket_path: Path | None, fd: int | None, client: bool = False,
-              socket_group: str | None = None) -> Listener:
+def _endpoint(socket_path: Path | None, fd: int | None, client: bool, socket_group: str | None) -> Endpoint:
     if (socket_path is None) == (fd is None):
         raise click.UsageError("give exactly one of --socket-path and --fd")
     if client and fd is not None:
         raise click.UsageError("--client connects to --socket-path; it cannot use --fd")
-    gid = None
     if socket_group is not None:
         try:
-            gid = grp.getgrnam(socket_group).gr_gid
+            grp.getgrnam(socket_group)
         except KeyError:
             raise click.BadParameter(f"no group {socket_group!r}", param_hint="--socket-group") from None
-    return Listener(socket_path=socket_path, fd=fd, client=client, group=gid)
+    return Endpoint(socket=socket_path, client=client, socket_group=socket_group, fd=fd)
 
 
-def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
-    for s in servers:
-        try:
-            s.listener.open()
-        except OSError as e:
-            raise click.ClickException(f"{s.device.name}: cannot listen on {s.listener.describe()}: {e}")
-
-    def ready() -> None:
-        for s in servers:
-            logging.getLogger("vhostd").info("%s: listening on %s", s.device.name, s.listener.describe())
+def _serve(config: Config, config_path: Path | None = None, banner: str | None = None) -> None:
+    def ready(daemon: Daemon) -> None:
         if banner:
             click.echo(banner)
 
-    trio.run(run_daemon, servers, ready)
+    try:
+        trio.run(Daemon(config, config_path, ready).run)
+    except DaemonError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()
@@ -134,9 +133,9 @@ def _run(servers: list[DeviceServer], banner: str | None = None) -> None:
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
 @worker_options
-def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool, file: Path | None, read_only: bool,
-        num_queues: int, serial: str, engine: str, direct: bool, name: str,
-        print_capabilities: bool, poll_us: int, cpus: str) -> None:
+def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
+        file: Path | None, read_only: bool, num_queues: int, serial: str, engine: str, direct: bool,
+        name: str, print_capabilities: bool, poll_us: int, cpus: str) -> None:
     """Serve a virtio-blk device backed by FILE.
 
     \b
@@ -151,15 +150,58 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
         return
     if file is None:
         raise click.UsageError("--file is required")
-    listener = _listener(socket_path, fd, client, socket_group)
-    try:
-        device = BlkDevice(name, BlkOptions(path=file, read_only=read_only, num_queues=num_queues,
-                                            serial=serial, engine=Engine(engine), direct=direct),
-                           _workers(poll_us, cpus))
-    except ValueError as e:
-        raise click.ClickException(f"{name}: {e}")
-    _run([DeviceServer(device, listener)])
+    if len(serial.encode()) > 20:
+        raise click.BadParameter("longer than 20 bytes", param_hint="--serial")
+    cfg = BlkConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
+                    workers=_workers(poll_us, cpus), file=file, read_only=read_only,
+                    num_queues=num_queues, serial=serial, aio=Engine(engine), direct=direct)
+    _serve(Config(devices=(cfg,), source="command line"))
 
+
+@main.command()
+@endpoint_options
+@click.option("--tap", help="Tap device: attached to if it exists, else created (and removed on exit).")
+@click.option("--backend", type=click.Choice(["tap", "null"]), default="tap", show_default=True,
+              help="null: discard guest TX and fill guest RX buffers with a generated 60-byte "
+                   "frame, for benchmarks and tests (no tap).")
+@click.option("--bridge", help="Bridge to enslave the tap to.")
+@click.option("--mtu", type=click.IntRange(68, 65535),
+              help="MTU to set on the tap (the guest learns it via NET_SET_MTU / config).")
+@click.option("--mac", help="Guest MAC in config space [default: stable, derived from the tap name].")
+@click.option("--queue-pairs", type=click.IntRange(1, MAX_QUEUE_PAIRS), default=1, show_default=True,
+              help="RX/TX queue pairs (multi-queue tap).")
+@click.option("--name", default="net0", show_default=True, help="Device name used in logs.")
+@click.option("--print-capabilities", is_flag=True,
+              help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
+@worker_options
+def net(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
+        tap: str | None, backend: str, bridge: str | None, mtu: int | None, mac: str | None,
+        queue_pairs: int, name: str, print_capabilities: bool, poll_us: int, cpus: str) -> None:
+    """Serve a virtio-net device whose frames go to and from a tap device.
+
+    \b
+    QEMU side (QEMU 7.2 under TCG needs vectors=0, see README):
+      -chardev socket,id=net0,path=SOCKET
+      -netdev vhost-user,id=net0,chardev=net0,queues=N
+      -device virtio-net-pci,netdev=net0,mq=on,vectors=0
+    with guest RAM shared (memory-backend-memfd,share=on).
+    """
+    if print_capabilities:
+        click.echo(json.dumps({"type": "net", "features": []}, indent=2))
+        return
+    if (tap is None) == (backend == "tap"):
+        raise click.UsageError("--tap is required with the tap back-end (and only with it)")
+    try:
+        mac_bytes = parse_mac(mac) if mac else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--mac") from None
+    cfg = NetConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
+                    workers=_workers(poll_us, cpus), tap=tap, backend=backend, bridge=bridge,
+                    mtu=mtu, mac=mac_bytes, queue_pairs=queue_pairs)
+    _serve(Config(devices=(cfg,), source="command line"))
+
+
+# --- serve: many devices from a configuration file --------------------------------
 
 def _default_dirs() -> tuple[Path, Path]:
     """(state dir for images, runtime dir for sockets): systemd's, else per user."""
@@ -181,78 +223,181 @@ def qemu_blk_options(socket_path: Path, num_queues: int) -> str:
     )
 
 
-@main.command()
-@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Where the default disk image lives [default: $STATE_DIRECTORY, "
-                   "/var/lib/vhostd as root, ~/.local/state/vhostd otherwise].")
-@click.option("--socket-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Where the sockets are created [default: $RUNTIME_DIRECTORY, "
-                   "/run/vhostd as root, $XDG_RUNTIME_DIR/vhostd otherwise].")
-def serve(state_dir: Path | None, socket_dir: Path | None) -> None:
-    """Serve the built-in default: one disk (disk0) on a sparse 1 GiB image.
-
-    The image is created on first start in the state directory and kept
-    across restarts.  The QEMU options that attach a guest are printed.
-    """
-    default_state, default_run = _default_dirs()
-    state_dir = state_dir or default_state
-    socket_dir = socket_dir or default_run
+def default_config(state_dir: Path, socket_dir: Path) -> Config:
+    """The built-in default: disk0 on a sparse 1 GiB image, and a control socket."""
     for d in (state_dir, socket_dir):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
     image = state_dir / "disk0.img"
     if not image.exists():
         with open(image, "wb") as f:
             f.truncate(DEFAULT_IMAGE_SIZE)
-        logging.getLogger("vhostd").info("created sparse %d MiB image %s", DEFAULT_IMAGE_SIZE >> 20, image)
-    num_queues = min(2, os.cpu_count() or 1)
-    sock = socket_dir / "disk0.sock"
-    device = BlkDevice("disk0", BlkOptions(path=image, num_queues=num_queues, serial="vhostd-disk0"))
-    banner = (f"vhostd: serving disk0 ({image}, {DEFAULT_IMAGE_SIZE >> 30} GiB) on {sock}\n"
-              f"Attach a QEMU guest with:\n  qemu-system-x86_64 ... {qemu_blk_options(sock, num_queues)}\n"
-              "Stop with Ctrl-C or SIGTERM.")
-    _run([DeviceServer(device, Listener(socket_path=sock))], banner)
+        log.info("created sparse %d MiB image %s", DEFAULT_IMAGE_SIZE >> 20, image)
+    disk = BlkConfig(name="disk0", endpoint=Endpoint(socket=socket_dir / "disk0.sock"), workers=Workers(),
+                     file=image, num_queues=min(2, os.cpu_count() or 1), serial="vhostd-disk0")
+    return Config(daemon=DaemonConfig(control_socket=socket_dir / "control.sock"), devices=(disk,))
+
+
+def _default_control() -> Path:
+    return _default_dirs()[1] / "control.sock"
 
 
 @main.command()
-@endpoint_options
-@click.option("--tap", help="Tap device: attached to if it exists, else created (and removed on exit).")
-@click.option("--backend", type=click.Choice(["tap", "null"]), default="tap", show_default=True,
-              help="null: discard guest TX and fill guest RX buffers with a generated 60-byte "
-                   "frame, for benchmarks and tests (no tap).")
-@click.option("--bridge", help="Bridge to enslave the tap to.")
-@click.option("--mtu", type=click.IntRange(68, 65535), help="MTU to set on the tap (the guest learns it via NET_SET_MTU / config).")
-@click.option("--mac", help="Guest MAC in config space [default: stable, derived from the tap name].")
-@click.option("--queue-pairs", type=click.IntRange(1, MAX_QUEUE_PAIRS), default=1, show_default=True,
-              help="RX/TX queue pairs (multi-queue tap).")
-@click.option("--name", default="net0", show_default=True, help="Device name used in logs.")
-@click.option("--print-capabilities", is_flag=True,
-              help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
-@worker_options
-def net(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool, tap: str | None, backend: str, bridge: str | None,
-        mtu: int | None, mac: str | None, queue_pairs: int, name: str, print_capabilities: bool,
-        poll_us: int, cpus: str) -> None:
-    """Serve a virtio-net device whose frames go to and from a tap device.
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="TOML file declaring the devices (see systemd/vhostd.toml) [default: built-in "
+                   "single disk].")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Without --config: where the default disk image lives [default: $STATE_DIRECTORY, "
+                   "/var/lib/vhostd as root, ~/.local/state/vhostd otherwise].")
+@click.option("--socket-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Without --config: where the sockets are created [default: $RUNTIME_DIRECTORY, "
+                   "/run/vhostd as root, $XDG_RUNTIME_DIR/vhostd otherwise].")
+def serve(config_path: Path | None, state_dir: Path | None, socket_dir: Path | None) -> None:
+    """Serve every device of a configuration file, or the built-in default:
+    one disk (disk0) on a sparse 1 GiB image created in the state directory
+    and kept across restarts (the QEMU options that attach a guest are printed).
 
-    \b
-    QEMU side (QEMU 7.2 under TCG needs vectors=0, see README):
-      -chardev socket,id=net0,path=SOCKET
-      -netdev vhost-user,id=net0,chardev=net0,queues=N
-      -device virtio-net-pci,netdev=net0,mq=on,vectors=0
-    with guest RAM shared (memory-backend-memfd,share=on).
+    SIGHUP (or `vhostd reload`) applies a changed configuration file: added
+    devices start, removed ones stop, changed ones are reported.  Under
+    systemd: Type=notify readiness, watchdog, and sockets passed by socket
+    activation are matched to devices by FileDescriptorName=.
     """
-    if print_capabilities:
-        click.echo(json.dumps({"type": "net", "features": []}, indent=2))
+    if config_path is not None:
+        try:
+            config = config_mod.load(config_path)
+        except config_mod.ConfigError as e:
+            raise click.ClickException(str(e)) from None
+        _serve(config, config_path)
         return
-    if (tap is None) == (backend == "tap"):
-        raise click.UsageError("--tap is required with the tap back-end (and only with it)")
-    listener = _listener(socket_path, fd, client, socket_group)
+    default_state, default_run = _default_dirs()
+    config = default_config(state_dir or default_state, socket_dir or default_run)
+    disk = config.devices[0]
+    assert isinstance(disk, BlkConfig) and disk.endpoint.socket is not None
+    banner = (f"vhostd: serving disk0 ({disk.file}, {DEFAULT_IMAGE_SIZE >> 30} GiB) on {disk.endpoint.socket}\n"
+              f"Attach a QEMU guest with:\n"
+              f"  qemu-system-x86_64 ... {qemu_blk_options(disk.endpoint.socket, disk.num_queues)}\n"
+              "Stop with Ctrl-C or SIGTERM.")
+    _serve(config, banner=banner)
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+def check_config(path: Path) -> None:
+    """Validate a configuration file without starting anything."""
     try:
-        options = NetOptions(tap=tap, queue_pairs=queue_pairs, mtu=mtu,
-                             mac=parse_mac(mac) if mac else None, bridge=bridge)
-        device = NetDevice(name, options, _workers(poll_us, cpus))
-    except (ValueError, TapError, OSError) as e:
-        raise click.ClickException(f"{name}: {e}")
-    where = (f"tap {tap} ({'created' if device.tap.created else 'attached'})"
-             if device.tap else "null back-end")
-    logging.getLogger("vhostd").info("%s: %s, mac %s", name, where, format_mac(device.mac))
-    _run([DeviceServer(device, listener)])
+        config = config_mod.load(path)
+    except config_mod.ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    names = ", ".join(f"{d.name} ({'blk' if isinstance(d, BlkConfig) else 'net'})" for d in config.devices)
+    click.echo(f"{path}: OK, {len(config.devices)} device(s){': ' + names if names else ''}")
+
+
+# --- talking to a running daemon --------------------------------------------------
+
+control_option = click.option(
+    "--control", "control_path", type=click.Path(path_type=Path), default=None,
+    help="The daemon's control socket [default: control.sock in the runtime directory].")
+
+
+def _request(path: Path | None, command: str, **args: Any) -> dict[str, Any]:
+    try:
+        return control.request(path or _default_control(), command, **args)
+    except control.ControlError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(control_path: Path | None, as_json: bool) -> None:
+    """Devices, front-ends, negotiated features and per-ring counters."""
+    st = _request(control_path, "status")["status"]
+    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+@main.command()
+@control_option
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--count", type=int, default=0, help="Stop after this many refreshes [default: forever].")
+def top(control_path: Path | None, interval: float, count: int) -> None:
+    """Per-ring request and byte rates, refreshed live."""
+    prev: dict[tuple[str, int], dict[str, Any]] = {}
+    n = 0
+    while count == 0 or n < count:
+        st = _request(control_path, "status")["status"]
+        rows = []
+        for dev in st["devices"]:
+            for ring in dev.get("rings", []):
+                key = (dev["name"], ring["index"])
+                last = prev.get(key)
+                rate = {k: (ring[k] - last[k]) / interval if last else 0.0
+                        for k in ("requests", "bytes_read", "bytes_written", "kicks", "calls")}
+                prev[key] = ring
+                rows.append(f"{dev['name']:<12} {ring['index']:>4} {rate['requests']:>12.0f} "
+                            f"{rate['bytes_read'] / 2**20:>10.1f} {rate['bytes_written'] / 2**20:>10.1f} "
+                            f"{rate['kicks']:>9.0f} {rate['calls']:>9.0f} {ring['errors']:>7}")
+        if sys.stdout.isatty():
+            click.clear()
+        click.echo(f"{'device':<12} {'ring':>4} {'req/s':>12} {'rd MiB/s':>10} {'wr MiB/s':>10} "
+                   f"{'kicks/s':>9} {'calls/s':>9} {'errors':>7}")
+        click.echo("\n".join(rows) if rows else "(no front-end attached)")
+        n += 1
+        if count == 0 or n < count:
+            time.sleep(interval)
+
+
+@main.command()
+@control_option
+@click.option("--force", is_flag=True, help="Also stop removed devices that have a front-end attached.")
+def reload(control_path: Path | None, force: bool) -> None:
+    """Apply the daemon's configuration file again (like SIGHUP)."""
+    for line in _request(control_path, "reload", force=force)["report"]:
+        click.echo(line)
+
+
+def format_status(st: dict[str, Any]) -> str:
+    out = []
+    for dev in st["devices"]:
+        out.append(f"{dev['name']} ({dev['type']}) on {dev['socket']}: "
+                   f"{'front-end connected' if dev['frontend'] else 'waiting for a front-end'}"
+                   f", {dev['connections']} connection(s) so far")
+        if dev["frontend"]:
+            out.append(f"  features: {' '.join(dev['features'])}")
+            out.append(f"  protocol features: {' '.join(dev['protocol_features'])}")
+            out.append(f"  {'ring':>4} {'size':>6} {'state':>8} {'requests':>12} {'read':>12} {'written':>12} "
+                       f"{'errors':>7} {'kicks':>9} {'calls':>9}")
+            for r in dev["rings"]:
+                state = "broken" if r["broken"] else "running" if r["running"] else \
+                    "enabled" if r["enabled"] else "off"
+                out.append(f"  {r['index']:>4} {r['size']:>6} {state:>8} {r['requests']:>12} "
+                           f"{r['bytes_read']:>12} {r['bytes_written']:>12} {r['errors']:>7} "
+                           f"{r['kicks']:>9} {r['calls']:>9}" + (f"  ({r['broken']})" if r["broken"] else ""))
+        for k, v in dev.get("device", {}).items():
+            if k != "queue_pairs":
+                out.append(f"  {k}: {v}")
+        for i, pair in enumerate(dev.get("device", {}).get("queue_pairs", [])):
+            out.append(f"  pair {i}: " + " ".join(f"{k}={v}" for k, v in pair.items()))
+    for name, reason in st.get("failed", {}).items():
+        out.append(f"{name}: FAILED: {reason}")
+    return "\n".join(out)
+
+
+@main.command()
+@click.argument("socket_path", metavar="SOCKET")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+              help="Seconds the whole probe may take.")
+def probe(socket_path: str, as_json: bool, timeout: float) -> None:
+    """Ask the vhost-user back-end at SOCKET what it offers.
+
+    Connects as a front-end and only asks (features, protocol features,
+    queue count, memory slots, config space), then disconnects: no memory
+    table, no rings.  Works with any back-end (vhostd, QEMU's, DPDK's,
+    qemu-storage-daemon); the device type is guessed from the features.
+    """
+    from vhostd.probe import ProbeError, probe as run_probe
+
+    try:
+        result = run_probe(socket_path, timeout)
+    except ProbeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.to_text(), nl=as_json)

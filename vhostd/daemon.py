@@ -11,20 +11,28 @@ files vhostd created are removed.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import signal
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from vhostd import config as config_mod
+from vhostd import control, systemd
+from vhostd.config import BlkConfig, Config, DeviceConfig
 from vhostd.devices.base import Device
+from vhostd.devices.blk import BlkDevice, BlkOptions
+from vhostd.devices.net import NetDevice, NetOptions
 from vhostd.protocol.channel import Channel
 from vhostd.protocol.session import Session
+from vhostd.vring import WorkerOptions
 
 log = logging.getLogger("vhostd")
 
@@ -159,6 +167,19 @@ class DeviceServer:
             log.info("%s: connected to the front-end at %s", self.device.name, path)
             await self._run_session(self.session, conn)
 
+    def status(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.device.name,
+            "type": self.device.device_type.value,
+            "socket": self.listener.describe(),
+            "connections": self.connections,
+            "frontend": self.session is not None,
+            "device": self.device.status(),
+        }
+        if self.session is not None:
+            d |= self.session.status()
+        return d
+
     async def _run_session(self, session: Session, conn: trio.socket.SocketType) -> None:
         try:
             await session.run()
@@ -180,25 +201,198 @@ def _hung_up(conn: trio.socket.SocketType | None) -> bool:
         return True
 
 
-async def run_daemon(servers: Sequence[DeviceServer],
-                     on_ready: Callable[[], None] | None = None) -> None:
-    """Serves all devices until SIGTERM/SIGINT.  Listeners must be open."""
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_wait_for_signal, nursery.cancel_scope)
-            for server in servers:
-                nursery.start_soon(server.serve)
-            if on_ready is not None:
-                on_ready()
-    finally:
-        for server in servers:
-            server.listener.close()
-            server.device.close()
+def build_device(cfg: DeviceConfig) -> Device:
+    """A device from its validated configuration (may raise ValueError/OSError)."""
+    workers = WorkerOptions(poll_us=cfg.workers.poll_us, cpus=cfg.workers.cpu_affinity)
+    if isinstance(cfg, BlkConfig):
+        return BlkDevice(cfg.name, BlkOptions(path=cfg.file, read_only=cfg.read_only,
+                                              num_queues=cfg.num_queues, serial=cfg.serial,
+                                              engine=cfg.aio, direct=cfg.direct), workers)
+    return NetDevice(cfg.name, NetOptions(tap=cfg.tap, queue_pairs=cfg.queue_pairs, mtu=cfg.mtu,
+                                          mac=cfg.mac, bridge=cfg.bridge), workers)
 
 
-async def _wait_for_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
+def _listener(cfg: DeviceConfig, inherited: dict[str, int], only_device: bool) -> Listener:
+    ep = cfg.endpoint
+    if ep.fd is not None:
+        return Listener(fd=ep.fd)
+    if cfg.name in inherited:   # socket activation: matched by FileDescriptorName=
+        return Listener(fd=inherited[cfg.name])
+    if only_device and len(inherited) == 1:   # vhostd-blk@.socket: one device, one socket
+        return Listener(fd=next(iter(inherited.values())))
+    gid = grp.getgrnam(ep.socket_group).gr_gid if ep.socket_group else None
+    return Listener(socket_path=ep.socket, client=ep.client, group=gid)
+
+
+class Daemon:
+    """Serves the devices of a configuration; each device is started,
+    stopped and fails on its own, the others keep running."""
+
+    def __init__(self, config: Config, config_path: Path | None = None,
+                 on_ready: Callable[[Daemon], None] | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.on_ready = on_ready
+        self.servers: dict[str, DeviceServer] = {}
+        self.configs: dict[str, DeviceConfig] = {}
+        self.failed: dict[str, str] = {}
+        self.inherited = systemd.listen_fds()
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until SIGTERM/SIGINT; SIGHUP reloads the configuration file."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for cfg in self.config.devices:
+                    await self._start_device(cfg)
+                if not self.servers:
+                    raise DaemonError("no device could be started: " + "; ".join(
+                        f"{n}: {r}" for n, r in self.failed.items()))
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                if self.config.daemon.control_socket is not None:
+                    nursery.start_soon(control.serve, self.config.daemon.control_socket, self._control)
+                if (interval := systemd.watchdog_interval()) is not None:
+                    nursery.start_soon(self._watchdog, interval)
+                systemd.notify("READY=1", f"STATUS={self._status_line()}")
+                if self.on_ready is not None:
+                    self.on_ready(self)
+        finally:
+            systemd.notify("STOPPING=1")
+
+    async def _start_device(self, cfg: DeviceConfig) -> bool:
+        assert self._nursery is not None
+        try:
+            device = build_device(cfg)
+        except (ValueError, OSError) as e:
+            return self._fail(cfg, f"cannot start: {e}")
+        listener = _listener(cfg, self.inherited, len(self.config.devices) == 1)
+        try:
+            listener.open()
+        except OSError as e:
+            device.close()
+            return self._fail(cfg, f"cannot listen on {listener.describe()}: {e}")
+        server = DeviceServer(device, listener)
+        self.servers[cfg.name] = server
+        self.configs[cfg.name] = cfg
+        self.failed.pop(cfg.name, None)
+        await self._nursery.start(self._run_device, server)
+        log.info("%s: listening on %s", cfg.name, listener.describe())
+        return True
+
+    def _fail(self, cfg: DeviceConfig, reason: str) -> bool:
+        log.error("%s: %s", cfg.name, reason)
+        self.failed[cfg.name] = reason
+        return False
+
+    async def _run_device(self, server: DeviceServer,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        name = server.device.name
+        with trio.CancelScope() as scope:
+            self._scopes[name] = scope
+            task_status.started()
+            try:
+                await server.serve()
+            except Exception as e:   # a bug in one device must not take the others down
+                log.exception("%s: device failed", name)
+                self.failed[name] = f"failed: {e}"
+            finally:
+                server.listener.close()
+                server.device.close()
+                self.servers.pop(name, None)
+                self._scopes.pop(name, None)
+
+    async def stop_device(self, name: str) -> None:
+        scope = self._scopes.get(name)
+        if scope is not None:
             scope.cancel()
-            return
+        while name in self.servers:
+            await trio.sleep(0.01)
+        self.configs.pop(name, None)
+        log.info("%s: stopped", name)
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    # --- reload -----------------------------------------------------------------
+
+    async def reload(self, force: bool = False) -> list[str]:
+        """Applies the configuration file again: added devices start, removed
+        ones stop (only without a front-end unless force), changed ones are
+        reported as needing a restart."""
+        if self.config_path is None:
+            return self._report(["no configuration file: nothing to reload"])
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as e:
+            return self._report([f"reload refused, configuration unchanged: {e}"])
+        report: list[str] = []
+        wanted = {d.name: d for d in new.devices}
+        for name in list(self.configs):
+            if name in wanted:
+                continue
+            server = self.servers.get(name)
+            if server is not None and server.session is not None and not force:
+                report.append(f"{name}: removed from the configuration but a front-end is attached: "
+                              f"kept (reload with --force to stop it)")
+                continue
+            await self.stop_device(name)
+            report.append(f"{name}: stopped")
+        for name, cfg in wanted.items():
+            old = self.configs.get(name)
+            if old is None:
+                ok = await self._start_device(cfg)
+                report.append(f"{name}: started" if ok else f"{name}: {self.failed[name]}")
+            elif old != cfg:
+                keys = ", ".join(config_mod.changed_fields(old, cfg))
+                report.append(f"{name}: changed ({keys}): restart this device to apply")
+        self.config = new
+        systemd.notify(f"STATUS={self._status_line()}")
+        return self._report(report or ["no change"])
+
+    @staticmethod
+    def _report(lines: list[str]) -> list[str]:
+        for line in lines:
+            log.info("reload: %s", line)
+        return lines
+
+    # --- status -----------------------------------------------------------------
+
+    def _status_line(self) -> str:
+        attached = sum(1 for s in self.servers.values() if s.session is not None)
+        line = f"serving {len(self.servers)} device(s), {attached} with a front-end"
+        return line + (f", {len(self.failed)} failed" if self.failed else "")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "devices": [server.status() for _, server in sorted(self.servers.items())],
+            "failed": dict(self.failed),
+        }
+
+    async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        match req["command"]:
+            case "status":
+                return {"ok": True, "status": self.status()}
+            case "reload":
+                return {"ok": True, "report": await self.reload(force=bool(req.get("force")))}
+            case other:
+                return {"ok": False, "error": f"unknown command {other!r}"}
+
+
+class DaemonError(Exception):
+    pass

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import enum
+from typing import Any
 
-from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit
+from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit, feature_names
 from vhostd.vring import QueueBackend, WorkerOptions
 
 __all__ = ["Device", "DeviceError", "DeviceType", "QueueBackend", "WorkerOptions"]
@@ -85,6 +86,16 @@ class Device(abc.ABC):
     def send_rarp(self, mac: bytes) -> None:
         """VHOST_USER_SEND_RARP: announce mac after migration."""
         raise DeviceError("RARP is not supported by this device")
+
+    # Device-specific feature bits, for names in logs and status.
+    feature_enum: type[enum.IntEnum] = VirtioFeature
+
+    def feature_names(self, bits: int) -> list[str]:
+        return feature_names(bits, self.feature_enum, VirtioFeature)
+
+    def status(self) -> dict[str, Any]:
+        """Device-specific facts and counters for `vhostd status`."""
+        return {}
 
     def on_features(self, features: int) -> None:
         """The front-end acknowledged these features (SET_FEATURES)."""

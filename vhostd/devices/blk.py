@@ -9,6 +9,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vhostd.devices.base import COMMON_FEATURES, COMMON_PROTOCOL_FEATURES, Device, DeviceType, QueueBackend, WorkerOptions
 from vhostd.fds import OwnedFd
@@ -82,6 +83,7 @@ def _capacity_bytes(fd: int) -> int:
 
 class BlkDevice(Device):
     device_type = DeviceType.BLOCK
+    feature_enum = BlkFeature
 
     def __init__(self, name: str, options: BlkOptions, workers: WorkerOptions = WorkerOptions()) -> None:
         super().__init__(name, workers)
@@ -136,6 +138,11 @@ class BlkDevice(Device):
             0, 0, 0, 0,                            # topology: not offered
             0, 0, self.num_queues,                 # writeback, unused0, num_queues
         ).ljust(60, b"\0")
+
+    def status(self) -> dict[str, Any]:
+        return {"file": str(self.options.path), "capacity_bytes": self.capacity * SECTOR_SIZE,
+                "read_only": self.options.read_only, "aio": self.options.engine.value,
+                "direct": self.options.direct, "num_queues": self.num_queues}
 
     def queue_backend(self, index: int) -> QueueBackend:
         if self.queues:

@@ -14,7 +14,8 @@ import enum
 import hashlib
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from vhostd.backends.tap import (
     TUN_F_CSUM,
@@ -127,6 +128,7 @@ class NetOptions:
 
 class NetDevice(Device):
     device_type = DeviceType.NET
+    feature_enum = NetFeature
 
     def __init__(self, name: str, options: NetOptions, workers: WorkerOptions = WorkerOptions()) -> None:
         super().__init__(name, workers)
@@ -190,6 +192,15 @@ class NetDevice(Device):
                 raise DeviceError(f"tap {self.tap.name}: {e}") from None
         for pair in self.pairs:
             pair.configure(self.hdr_len, mrg, tx_gso)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": "tap" if self.tap else "null",
+            "tap": self.tap.name if self.tap else None,
+            "link_up": self.tap.is_up() if self.tap else True,
+            "mac": format_mac(self.mac),
+            "queue_pairs": [asdict(p.stats()) for p in self.pairs],
+        }
 
     def queue_backend(self, index: int) -> QueueBackend:
         pair = self.pairs[index // 2]

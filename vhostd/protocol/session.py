@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -22,6 +23,7 @@ from vhostd.memory import GuestMemory, GuestMemoryError, InflightBuffer
 from vhostd.protocol.channel import Channel, Disconnected
 from vhostd.protocol.constants import (
     MAX_QUEUE_SIZE,
+    feature_names,
     ProtocolFeature,
     Request,
     VirtioFeature,
@@ -453,3 +455,26 @@ class Session:
         self.inflight = buf
         log.info("%s: inflight buffer restored (%d queues of %d)", self.device.name, p.num_queues, p.queue_size)
         return None
+
+    # --- status ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What `vhostd status` shows for the front-end and each ring (counters
+        are read from the workers without locks: they may be a batch old)."""
+        rings = []
+        for vr in self.vrings:
+            st = vr.stats()
+            rings.append({
+                "index": vr.index, "size": vr.num, "enabled": vr.enabled, "running": vr.running,
+                "last_avail_idx": vr.native.last_avail_idx if vr.running else vr.last_avail_idx,
+                "requests": st.requests, "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
+                "errors": st.errors, "kicks": st.kicks, "calls": st.calls, "batches": st.batches,
+                "resubmitted": st.resubmitted, "broken": st.broken_reason,
+            })
+        return {
+            "features": self.device.feature_names(self.features),
+            "protocol_features": feature_names(self.protocol_features, ProtocolFeature),
+            "memory_mib": (self.mem.size >> 20) if self.mem else 0,
+            "inflight_tracking": self.inflight is not None,
+            "rings": rings,
+        }
