@@ -125,3 +125,17 @@ def test_bad_arguments_give_clear_errors(args: list[str], message: str) -> None:
     res = subprocess.run([*VHOSTD, *args], capture_output=True, text=True, timeout=20)
     assert res.returncode != 0
     assert message in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("kind, qemu_type", [("blk", "block"), ("net", "net")])
+def test_vhost_user_json_descriptor_names_a_working_backend_program(kind: str, qemu_type: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    desc = json.loads((root / "share/qemu/vhost-user" / f"50-vhostd-{kind}.json").read_text())
+    assert desc["type"] == qemu_type and desc["description"]
+    program = Path(desc["binary"]).name
+    installed = Path(sys.executable).parent / program   # the same console script, in this venv
+    out = subprocess.run([str(installed), "--print-capabilities"], check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out)["type"] == qemu_type
+    help_text = subprocess.run([str(installed), "--help"], check=True, capture_output=True, text=True).stdout
+    assert "--socket-path" in help_text and "--fd" in help_text

@@ -234,3 +234,36 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
     assert "disk0: listening on fd 3" in out, out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_prometheus_metrics_and_top_follow_io(tmp_path: Path) -> None:
+    import re
+    import urllib.error
+    import urllib.request
+    port = _free_port()
+    cfg = tmp_path / "vhostd.toml"
+    _write_config(cfg, tmp_path, ["a"])
+    cfg.write_text(cfg.read_text().replace("[daemon]\n", f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n'))
+    with _serve(tmp_path, cfg) as v:
+        _wait(lambda: "metrics on http://" in v.log(), 10, v)
+        fe, drv = _attach(tmp_path / "a.sock")
+        for i in range(7):
+            assert drv.write(i, b"m" * 512).status == 0
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        m = re.search(r'vhostd_ring_requests_total\{device="a",queue="0"\} (\S+)', body)
+        assert m and float(m.group(1)) >= 7, body
+        assert 'vhostd_device_frontend_connected{device="a",type="block"} 1.0' in body
+        assert re.search(r'vhostd_ring_bytes_read_total\{device="a",queue="0"\} (\d+)', body)
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
+        out = subprocess.run([*VHOSTD, "top", "--count", "2", "--interval", "0.2",
+                              "--control", str(tmp_path / "control.sock")],
+                             check=True, capture_output=True, text=True).stdout
+        assert "req/s" in out and re.search(r"^a\s+0\s", out, re.M), out
+        fe.close()

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,6 +82,25 @@ def worker_options(f: F) -> F:
     return f
 
 
+def daemon_options(f: F) -> F:
+    """--control-socket and --metrics-listen, shared by the serving commands."""
+    f = click.option("--metrics-listen", metavar="HOST:PORT",
+                     help="Serve Prometheus metrics on http://HOST:PORT/metrics.")(f)
+    f = click.option("--control-socket", type=click.Path(path_type=Path),
+                     help="Control socket for `vhostd status/top/reload` (mode 0600).")(f)
+    return f
+
+
+def _daemon_config(base: DaemonConfig, control_socket: Path | None, metrics_listen: str | None) -> DaemonConfig:
+    listen = base.metrics_listen
+    if metrics_listen is not None:
+        host, _, port = metrics_listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.BadParameter(f"{metrics_listen!r} is not HOST:PORT", param_hint="--metrics-listen")
+        listen = (host.strip("[]"), int(port))
+    return DaemonConfig(control_socket=control_socket or base.control_socket, metrics_listen=listen)
+
+
 def _workers(poll_us: int, cpus: str) -> Workers:
     try:
         cpu_list = tuple(int(c) for c in cpus.split(",") if c.strip())
@@ -133,9 +153,11 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
 @worker_options
+@daemon_options
 def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         file: Path | None, read_only: bool, num_queues: int, serial: str, engine: str, direct: bool,
-        name: str, print_capabilities: bool, poll_us: int, cpus: str) -> None:
+        name: str, print_capabilities: bool, poll_us: int, cpus: str,
+        control_socket: Path | None, metrics_listen: str | None) -> None:
     """Serve a virtio-blk device backed by FILE.
 
     \b
@@ -155,7 +177,8 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
     cfg = BlkConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=_workers(poll_us, cpus), file=file, read_only=read_only,
                     num_queues=num_queues, serial=serial, aio=Engine(engine), direct=direct)
-    _serve(Config(devices=(cfg,), source="command line"))
+    _serve(Config(daemon=_daemon_config(DaemonConfig(), control_socket, metrics_listen),
+                  devices=(cfg,), source="command line"))
 
 
 @main.command()
@@ -174,9 +197,11 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
 @worker_options
+@daemon_options
 def net(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         tap: str | None, backend: str, bridge: str | None, mtu: int | None, mac: str | None,
-        queue_pairs: int, name: str, print_capabilities: bool, poll_us: int, cpus: str) -> None:
+        queue_pairs: int, name: str, print_capabilities: bool, poll_us: int, cpus: str,
+        control_socket: Path | None, metrics_listen: str | None) -> None:
     """Serve a virtio-net device whose frames go to and from a tap device.
 
     \b
@@ -198,7 +223,8 @@ def net(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
     cfg = NetConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=_workers(poll_us, cpus), tap=tap, backend=backend, bridge=bridge,
                     mtu=mtu, mac=mac_bytes, queue_pairs=queue_pairs)
-    _serve(Config(devices=(cfg,), source="command line"))
+    _serve(Config(daemon=_daemon_config(DaemonConfig(), control_socket, metrics_listen),
+                  devices=(cfg,), source="command line"))
 
 
 # --- serve: many devices from a configuration file --------------------------------
@@ -251,7 +277,9 @@ def _default_control() -> Path:
 @click.option("--socket-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Without --config: where the sockets are created [default: $RUNTIME_DIRECTORY, "
                    "/run/vhostd as root, $XDG_RUNTIME_DIR/vhostd otherwise].")
-def serve(config_path: Path | None, state_dir: Path | None, socket_dir: Path | None) -> None:
+@daemon_options
+def serve(config_path: Path | None, state_dir: Path | None, socket_dir: Path | None,
+          control_socket: Path | None, metrics_listen: str | None) -> None:
     """Serve every device of a configuration file, or the built-in default:
     one disk (disk0) on a sparse 1 GiB image created in the state directory
     and kept across restarts (the QEMU options that attach a guest are printed).
@@ -266,10 +294,12 @@ def serve(config_path: Path | None, state_dir: Path | None, socket_dir: Path | N
             config = config_mod.load(config_path)
         except config_mod.ConfigError as e:
             raise click.ClickException(str(e)) from None
+        config = replace(config, daemon=_daemon_config(config.daemon, control_socket, metrics_listen))
         _serve(config, config_path)
         return
     default_state, default_run = _default_dirs()
     config = default_config(state_dir or default_state, socket_dir or default_run)
+    config = replace(config, daemon=_daemon_config(config.daemon, control_socket, metrics_listen))
     disk = config.devices[0]
     assert isinstance(disk, BlkConfig) and disk.endpoint.socket is not None
     banner = (f"vhostd: serving disk0 ({disk.file}, {DEFAULT_IMAGE_SIZE >> 30} GiB) on {disk.endpoint.socket}\n"
@@ -401,3 +431,17 @@ def probe(socket_path: str, as_json: bool, timeout: float) -> None:
     except ProbeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.to_text(), nl=as_json)
+
+
+# --- vhostd-blk / vhostd-net: the vhost-user.json back-end programs -------------------
+
+def _standalone(command: click.Command) -> Callable[[], None]:
+    def run() -> None:
+        level = os.environ.get("VHOSTD_LOG_LEVEL", "info")
+        _setup_logging(level if level in ("debug", "info", "warning", "error") else "info")
+        command(prog_name=f"vhostd-{command.name}")
+    return run
+
+
+blk_main = _standalone(blk)
+net_main = _standalone(net)

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from vhostd import config as config_mod
-from vhostd import control, systemd
+from vhostd import control, metrics, systemd
 from vhostd.config import BlkConfig, Config, DeviceConfig
 from vhostd.devices.base import Device
 from vhostd.devices.blk import BlkDevice, BlkOptions
@@ -255,6 +255,10 @@ class Daemon:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 if self.config.daemon.control_socket is not None:
                     nursery.start_soon(control.serve, self.config.daemon.control_socket, self._control)
+                if self.config.daemon.metrics_listen is not None:
+                    host, port = self.config.daemon.metrics_listen
+                    await nursery.start(metrics.serve, host, port, self.status)
+                    log.info("metrics on http://%s:%d/metrics", host, port)
                 if (interval := systemd.watchdog_interval()) is not None:
                     nursery.start_soon(self._watchdog, interval)
                 systemd.notify("READY=1", f"STATUS={self._status_line()}")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -334,14 +336,20 @@ def _config_rows(r: ProbeResult) -> list[str]:
 
 def _queue_text(r: ProbeResult) -> str:
     if r.queue_num is None:
-        return "-"
+        return "-" if r.has_protocol(ProtocolFeature.MQ) else "- (MQ not offered)"
     unit = "queue pairs" if r.device_type is DeviceType.NET else "queues"
     return f"{r.queue_num} {unit} (GET_QUEUE_NUM)"
 
 
+def _mem_slots_text(r: ProbeResult) -> str:
+    if r.max_mem_slots is not None:
+        return f"{r.max_mem_slots} (GET_MAX_MEM_SLOTS)"
+    return "-" if r.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS) else "- (CONFIGURE_MEM_SLOTS not offered)"
+
+
 def _text_lines(r: ProbeResult) -> Iterator[str]:
     yield _row("socket", r.socket)
-    evidence = f" (guessed from {', '.join(r.guess.evidence)})" if r.guess.evidence else ""
+    evidence = f", guessed from {' '.join(r.guess.evidence)}" if r.guess.evidence else ""
     yield _row("device type", _TYPE_TEXT[r.device_type] + evidence)
     yield from _feature_rows("virtio features", r.features,
                              virtio_feature_names(r.features, r.device_type))
@@ -351,7 +359,7 @@ def _text_lines(r: ProbeResult) -> Iterator[str]:
         yield from _feature_rows("protocol features", r.protocol_features,
                                  protocol_feature_names(r.protocol_features))
     yield _row("queues", _queue_text(r))
-    yield _row("max memory slots", "-" if r.max_mem_slots is None else str(r.max_mem_slots))
+    yield _row("max memory slots", _mem_slots_text(r))
     yield from _config_rows(r)
     for note in r.notes:
         yield _row("note", note)
@@ -377,6 +385,13 @@ _BUSY_HINT = " (it may serve only one front-end at a time and be busy)"
 # SET_PROTOCOL_FEATURES: what GET_QUEUE_NUM, GET_CONFIG and GET_MAX_MEM_SLOTS need.
 _PROTOCOL_WANTED = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.CONFIG)
                     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS))
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class _Prober:
@@ -436,6 +451,8 @@ class _Prober:
         except FileNotFoundError:
             raise ProbeError(f"no such socket: {self.path}") from None
         except ConnectionRefusedError:
+            if not _is_socket(self.path):
+                raise ProbeError(f"not a socket: {self.path}") from None
             raise ProbeError(f"connection refused: nothing listens on {self.path}") from None
         except TimeoutError:
             raise ProbeError(f"timeout: connecting to {self.path} took over {self.timeout:g}s"
