@@ -172,27 +172,14 @@ static void tx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
     vhd_vring_push(vr, c->head, 0);
 }
 
+static void tx_handler(void *net, vhd_vring *vr, struct vhd_chain *c)
+{
+    tx_one(net, vr, c);
+}
+
 int vhd_net_tx(vhd_net *net, vhd_vring *vr)
 {
-    struct vhd_chain chain;
-    int total = 0;
-    for (;;) {
-        vhd_vring_disable_notify(vr);
-        int batch = 0;
-        int rc = VHD_POP_OK;
-        while (batch < NET_BATCH && (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
-            tx_one(net, vr, &chain);
-            batch++;
-        }
-        total += batch;
-        vhd_vring_flush(vr);
-        if (rc < 0)
-            return total;
-        if (batch == NET_BATCH)
-            continue;
-        if (!vhd_vring_enable_notify(vr))
-            return total;
-    }
+    return vhd_vring_drain(vr, tx_handler, net, NET_BATCH);
 }
 
 /* --- RX ------------------------------------------------------------------ */

@@ -115,6 +115,12 @@ static inline void vhd_store16(uint16_t *p, uint16_t v)
     __atomic_store_n(p, v, __ATOMIC_RELAXED);
 }
 
+/* vring.c: the pop / handle / publish loop shared by the synchronous
+ * back-ends.  handler pushes one used element per chain.  Publishes and
+ * notifies once per batch of at most batch_max chains; returns chains handled. */
+typedef void (*vhd_chain_handler)(void *ctx, vhd_vring *vr, struct vhd_chain *c);
+int vhd_vring_drain(vhd_vring *vr, vhd_chain_handler handler, void *ctx, int batch_max);
+
 /* blk.c: shared by the sync and io_uring engines. */
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1

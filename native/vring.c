@@ -408,3 +408,26 @@ const struct vhd_vring_stats *vhd_vring_stats(const vhd_vring *vr)
 {
     return &vr->stats;
 }
+
+int vhd_vring_drain(vhd_vring *vr, vhd_chain_handler handler, void *ctx, int batch_max)
+{
+    struct vhd_chain chain;
+    int total = 0;
+    for (;;) {
+        vhd_vring_disable_notify(vr);
+        int batch = 0;
+        int rc = VHD_POP_OK;
+        while (batch < batch_max && (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
+            handler(ctx, vr, &chain);
+            batch++;
+        }
+        total += batch;
+        vhd_vring_flush(vr);
+        if (rc < 0)
+            return total;   /* broken: err_fd was signalled, stay quiet */
+        if (batch == batch_max)
+            continue;
+        if (!vhd_vring_enable_notify(vr))
+            return total;   /* idle until the next kick (lost-wake-up checked) */
+    }
+}

@@ -32,44 +32,24 @@ struct vhd_worker {
     void *dev;
 };
 
-static void handle_chain(vhd_vring *vr, int dev_kind, void *dev, struct vhd_chain *c)
+static void blk_handler(void *blk, vhd_vring *vr, struct vhd_chain *c)
 {
-    switch (dev_kind) {
-    case VHD_DEV_BLK:
-        vhd_blk_handle(dev, vr, c);
-        break;
-    default:
-        vhd_vring_push(vr, c->head, 0);
-        break;
-    }
+    vhd_blk_handle(blk, vr, c);
 }
 
 int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
 {
-    if (dev_kind == VHD_DEV_NET_TX)
-        return vhd_net_tx(dev, vr);
-    if (dev_kind == VHD_DEV_NET_RX)
-        return vhd_net_rx(dev, vr);
-    if (dev_kind == VHD_DEV_BLK_URING)
+    switch (dev_kind) {
+    case VHD_DEV_BLK:
+        return vhd_vring_drain(vr, blk_handler, dev, VHD_BATCH);
+    case VHD_DEV_BLK_URING:
         return vhd_blk_queue_run(dev, vr);
-    struct vhd_chain chain;
-    int total = 0;
-    for (;;) {
-        vhd_vring_disable_notify(vr);
-        int batch = 0;
-        int rc = VHD_POP_OK;
-        while (batch < VHD_BATCH && (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
-            handle_chain(vr, dev_kind, dev, &chain);
-            batch++;
-        }
-        total += batch;
-        vhd_vring_flush(vr);
-        if (rc < 0)
-            return total;   /* broken: err_fd was signalled, stay quiet */
-        if (batch == VHD_BATCH)
-            continue;
-        if (!vhd_vring_enable_notify(vr))
-            return total;
+    case VHD_DEV_NET_TX:
+        return vhd_net_tx(dev, vr);
+    case VHD_DEV_NET_RX:
+        return vhd_net_rx(dev, vr);
+    default:
+        return 0;
     }
 }
 
