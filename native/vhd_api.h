@@ -181,6 +181,8 @@ void vhd_blk_queue_free(vhd_blk_queue *q);
 int vhd_blk_queue_fd(const vhd_blk_queue *q);
 /* Reaps completions and submits what the ring holds; returns 0 or a ring error. */
 int vhd_blk_queue_run(vhd_blk_queue *q, vhd_vring *vr);
+/* True if completions are waiting to be reaped (busy-poll). */
+int vhd_blk_queue_completions(vhd_blk_queue *q);
 /* Waits for and completes every request in flight (before a ring stops). */
 void vhd_blk_queue_drain(vhd_blk_queue *q, vhd_vring *vr);
 

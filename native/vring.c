@@ -374,9 +374,14 @@ static uint16_t *avail_event(vhd_vring *vr)
 
 void vhd_vring_disable_notify(vhd_vring *vr)
 {
-    if (!vr->event_idx)
+    if (!vr->event_idx) {
         vhd_store16(&vr->used->flags, VRING_USED_F_NO_NOTIFY);
-    /* With EVENT_IDX, avail_event already lags the driver: no store needed. */
+        return;
+    }
+    /* The driver kicks when its new avail idx passes avail_event: one
+     * behind what we have seen means no publish of ours can trigger a kick
+     * (vring_need_event is false for every new idx until it wraps). */
+    vhd_store16(avail_event(vr), (uint16_t)(vr->last_avail_idx - 1));
 }
 
 int vhd_vring_enable_notify(vhd_vring *vr)

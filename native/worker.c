@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <time.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -94,18 +95,32 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Optional busy-poll (--poll-us): after a burst of work, watch the ring for
- * up to poll_ns with kicks suppressed, saving the driver its kick and us a
+/* Optional busy-poll (--poll-us): after a burst of work, watch the ring
+ * (and the back-end's own events: io_uring completions, tap frames) for up
+ * to poll_ns with kicks suppressed, saving the driver its kick and us a
  * wake-up.  Adaptive in the simplest way: only a worker that just did work
- * polls, so an idle device sleeps in epoll and costs no CPU.  RX and
- * io_uring have their own event sources, so they just run again. */
+ * polls, so an idle device sleeps in epoll and costs no CPU. */
+static bool has_work(vhd_worker *w)
+{
+    switch (w->dev_kind) {
+    case VHD_DEV_BLK_URING:
+        return vhd_vring_avail_pending(w->vr) || vhd_blk_queue_completions(w->dev);
+    case VHD_DEV_NET_RX: {
+        /* Frames waiting in the tap (the null back-end always has one). */
+        struct pollfd p = { .fd = w->backend_fd, .events = POLLIN };
+        return w->backend_fd < 0 || poll(&p, 1, 0) > 0;
+    }
+    default:
+        return vhd_vring_avail_pending(w->vr);
+    }
+}
+
 static bool poll_for_work(vhd_worker *w)
 {
     uint64_t deadline = now_ns() + w->poll_ns;
-    bool own_events = w->dev_kind == VHD_DEV_NET_RX || w->dev_kind == VHD_DEV_BLK_URING;
     vhd_vring_disable_notify(w->vr);
     do {
-        if (own_events || vhd_vring_avail_pending(w->vr))
+        if (has_work(w))
             return true;
         __builtin_ia32_pause();
     } while (now_ns() < deadline);

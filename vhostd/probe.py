@@ -263,36 +263,41 @@ class ProbeResult:
         }
 
     def to_text(self) -> str:
-        return "\n".join(_text_lines(self)) + "\n"
+        return _render(_text_rows(self))
 
 
 # --- text rendering --------------------------------------------------------
+# Rows of (key, value): a str value is one line, a list of words is filled
+# into as many lines as it needs.  The key column fits the longest key.
 
-_KEY_WIDTH = 19
+Row = tuple[str, str | list[str]]
 _LINE_WIDTH = 79
 _TYPE_TEXT = {DeviceType.BLOCK: "block (virtio-blk)", DeviceType.NET: "net (virtio-net)",
               DeviceType.UNKNOWN: "unknown"}
 
 
-def _row(key: str, value: str) -> str:
-    return f"{key:<{_KEY_WIDTH}}{value}".rstrip()
+def _render(rows: list[Row]) -> str:
+    width = max(len(key) for key, _ in rows) + 2
+    lines = []
+    for key, value in rows:
+        values = _fill(value, _LINE_WIDTH - width) if isinstance(value, list) else [value]
+        for i, text in enumerate(values or [""]):
+            lines.append(f"{key if i == 0 else '':<{width}}{text}".rstrip())
+    return "\n".join(lines) + "\n"
 
 
-def _wrapped(names: list[str]) -> list[str]:
-    """Names filled into lines that fit next to the key column."""
+def _fill(words: list[str], width: int) -> list[str]:
     lines: list[str] = []
-    cur = ""
-    for name in names:
-        if cur and _KEY_WIDTH + len(cur) + 1 + len(name) > _LINE_WIDTH:
-            lines.append(cur)
-            cur = name
+    for word in words:
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
         else:
-            cur = f"{cur} {name}" if cur else name
-    return [*lines, cur] if cur else lines
+            lines.append(word)
+    return lines
 
 
-def _feature_rows(key: str, mask: int, names: list[str]) -> list[str]:
-    return [_row(key, f"{mask:#018x}")] + [_row("", line) for line in _wrapped(names)]
+def _feature_rows(key: str, mask: int, names: list[str]) -> list[Row]:
+    return [(key, f"{mask:#018x}"), ("", names)]
 
 
 def _human_bytes(n: int) -> str:
@@ -321,16 +326,14 @@ def _config_value_text(name: str, value: int | str, fields: dict[str, ConfigValu
     return str(value)
 
 
-def _config_rows(r: ProbeResult) -> list[str]:
+def _config_rows(r: ProbeResult) -> list[Row]:
     fields = r.config_fields()
     if fields is None or r.config is None:
-        return [_row("config space", "-")]
-    rows = [_row("config space", f"{len(r.config)} bytes (GET_CONFIG)")]
+        return [("config space", "-")]
+    rows: list[Row] = [("config space", f"{len(r.config)} bytes (GET_CONFIG)")]
     for name, value in fields.items():
         if value is not None and name != "capacity_bytes":
-            rows.append(_row(f"  {name}", _config_value_text(name, value, fields)))
-    if not fields:
-        rows.append(_row("  raw", r.config.hex()))
+            rows.append((f"  {name}", _config_value_text(name, value, fields)))
     return rows
 
 
@@ -347,22 +350,20 @@ def _mem_slots_text(r: ProbeResult) -> str:
     return "-" if r.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS) else "- (CONFIGURE_MEM_SLOTS not offered)"
 
 
-def _text_lines(r: ProbeResult) -> Iterator[str]:
-    yield _row("socket", r.socket)
-    evidence = f", guessed from {' '.join(r.guess.evidence)}" if r.guess.evidence else ""
-    yield _row("device type", _TYPE_TEXT[r.device_type] + evidence)
-    yield from _feature_rows("virtio features", r.features,
-                             virtio_feature_names(r.features, r.device_type))
+def _text_rows(r: ProbeResult) -> list[Row]:
+    rows: list[Row] = [("socket", r.socket), ("device type", _TYPE_TEXT[r.device_type])]
+    if r.guess.evidence:
+        rows.append(("  guessed from", list(r.guess.evidence)))
+    rows += _feature_rows("virtio features", r.features, virtio_feature_names(r.features, r.device_type))
     if r.protocol_features is None:
-        yield _row("protocol features", "- (VHOST_USER_PROTOCOL_FEATURES not offered)")
+        rows.append(("protocol features", "- (VHOST_USER_PROTOCOL_FEATURES not offered)"))
     else:
-        yield from _feature_rows("protocol features", r.protocol_features,
-                                 protocol_feature_names(r.protocol_features))
-    yield _row("queues", _queue_text(r))
-    yield _row("max memory slots", _mem_slots_text(r))
-    yield from _config_rows(r)
-    for note in r.notes:
-        yield _row("note", note)
+        rows += _feature_rows("protocol features", r.protocol_features,
+                              protocol_feature_names(r.protocol_features))
+    rows += [("queues", _queue_text(r)), ("max memory slots", _mem_slots_text(r))]
+    rows += _config_rows(r)
+    rows += [("note", note) for note in r.notes]
+    return rows
 
 
 # --- talking to the back-end ---------------------------------------------

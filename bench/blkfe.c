@@ -1,0 +1,1194 @@
+/* blkfe: a small, fast vhost-user-blk front-end (the driver side), without a VM.
+ *
+ * It plays a guest's virtio-blk driver against any vhost-user-blk back-end (vhostd,
+ * qemu-storage-daemon): it connects to the back-end's socket, negotiates, lays split rings
+ * out in guest RAM it shares through a memfd, and keeps QD requests in flight on each of Q
+ * queues, one thread per queue.  Completions are interrupt-driven like a guest's: a thread
+ * sleeps on its queue's call eventfd, reaps what the device used, resubmits at once and kicks
+ * once per batch, honouring the device's kick suppression (VRING_USED_F_NO_NOTIFY or, with
+ * EVENT_IDX, avail_event) and suppressing interrupts it does not need (used_event /
+ * VRING_AVAIL_F_NO_INTERRUPT).
+ *
+ *   blkfe --socket PATH [--rw randread|randwrite|seqread|seqwrite] [--bs BYTES] [--qd N]
+ *         [--queues N] [--seconds S] [--cpus LIST] [--offset-mib M] [--size-mib M] [--sync]
+ *   blkfe --socket PATH --verify|--check [--queues N] [--bs BYTES] [--size-mib M] [--seed N]
+ *
+ * A run prints one JSON line (iops, mib_s, p50_us, p99_us, requests, seconds, ...).
+ * --verify writes a pattern that names each sector through queue i, flushes, reads it back
+ * through queue (i+1) % Q and compares; the exit status is 0 only if every byte matched.
+ * --check only reads and compares: the data an earlier --verify with the same seed left.
+ * --sync is for a caller that samples the back-end's CPU time around the measured window
+ * alone: after setup blkfe prints "READY" and waits for a line on stdin; after the run it
+ * prints the JSON line and waits for stdin to close before it disconnects.
+ *
+ * Exit status: 0 ok, 1 data mismatch or I/O error status, 2 usage or setup failure,
+ * 3 the back-end stopped answering or signalled a broken ring.
+ *
+ * Build: cc -O2 -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE -pthread blkfe.c -o blkfe
+ * Layouts and numbers: virtio 1.2 (2.7 split virtqueues, 5.2 block device) and QEMU's
+ * docs/interop/vhost-user.rst.  x86-64 (little-endian) hosts only, like the back-ends. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+/* --- numbers from the specs ------------------------------------------------------------- */
+
+enum vu_request {
+    VU_GET_FEATURES = 1,
+    VU_SET_FEATURES = 2,
+    VU_SET_OWNER = 3,
+    VU_SET_MEM_TABLE = 5,
+    VU_SET_VRING_NUM = 8,
+    VU_SET_VRING_ADDR = 9,
+    VU_SET_VRING_BASE = 10,
+    VU_SET_VRING_KICK = 12,
+    VU_SET_VRING_CALL = 13,
+    VU_SET_VRING_ERR = 14,
+    VU_GET_PROTOCOL_FEATURES = 15,
+    VU_SET_PROTOCOL_FEATURES = 16,
+    VU_GET_QUEUE_NUM = 17,
+    VU_SET_VRING_ENABLE = 18,
+    VU_GET_CONFIG = 24,
+};
+
+#define VU_FLAG_VERSION 0x1u
+#define VU_FLAG_REPLY 0x4u
+#define VU_FLAG_NEED_REPLY 0x8u
+
+#define F_BLK_FLUSH 9
+#define F_BLK_MQ 12
+#define F_RING_EVENT_IDX 29
+#define F_PROTOCOL_FEATURES 30
+#define F_VERSION_1 32
+#define PF_MQ 0
+#define PF_REPLY_ACK 3
+#define PF_CONFIG 9
+#define BIT(n) (1ull << (n))
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VRING_USED_F_NO_NOTIFY 1
+
+#define BLK_T_IN 0u
+#define BLK_T_OUT 1u
+#define BLK_T_FLUSH 4u
+#define BLK_S_OK 0
+#define SECTOR 512u
+/* struct virtio_blk_config up to num_queues: every back-end since QEMU 5.x answers this much. */
+#define BLK_CONFIG_SIZE 60u
+
+/* --- small helpers ---------------------------------------------------------------------- */
+
+#define EXIT_MISMATCH 1
+#define EXIT_SETUP 2
+#define EXIT_BACKEND 3
+
+static void die(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+static void die(int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("blkfe: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(code);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t align_up(uint64_t x, uint64_t a)
+{
+    return (x + a - 1) & ~(a - 1);
+}
+
+static uint32_t pow2_ceil(uint32_t x)
+{
+    uint32_t p = 1;
+    while (p < x)
+        p <<= 1;
+    return p;
+}
+
+/* Guest-shared 16-bit fields are written concurrently by the other side: every access is one
+ * untorn access.  Ordering comes from the explicit acquire/release/fences at the call sites. */
+static uint16_t load16(const uint16_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static void store16(uint16_t *p, uint16_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+
+/* virtio 1.2, 2.7.10.2: notify iff new_idx passed event_idx since old_idx. */
+static bool vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* xorshift64*: cheap, good enough to spread offsets; one per queue thread. */
+static uint64_t rng_next(uint64_t *s)
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 0x2545F4914F6CDD1Dull;
+}
+
+/* --- latency histogram: log-linear, 32 sub-buckets per power of two (< 3.2% error) ------- */
+
+#define HIST_SUB_BITS 5
+#define HIST_SUB (1u << HIST_SUB_BITS)
+#define HIST_BUCKETS ((64 - HIST_SUB_BITS + 1) * HIST_SUB)
+
+struct hist {
+    uint64_t count[HIST_BUCKETS];
+    uint64_t n, sum, max;
+};
+
+static unsigned hist_index(uint64_t v)
+{
+    if (v < HIST_SUB)
+        return (unsigned)v;
+    unsigned e = 63u - (unsigned)__builtin_clzll(v);            /* >= HIST_SUB_BITS */
+    unsigned sub = (unsigned)(v >> (e - HIST_SUB_BITS)) & (HIST_SUB - 1);
+    return (e - HIST_SUB_BITS + 1) * HIST_SUB + sub;
+}
+
+/* Midpoint of bucket i's value range. */
+static double hist_value(unsigned i)
+{
+    if (i < HIST_SUB)
+        return i;
+    unsigned e = i / HIST_SUB + HIST_SUB_BITS - 1, sub = i % HIST_SUB;
+    double lo = (double)((uint64_t)(HIST_SUB + sub) << (e - HIST_SUB_BITS));
+    return lo + (double)(1ull << (e - HIST_SUB_BITS)) / 2;
+}
+
+static void hist_add(struct hist *h, uint64_t v)
+{
+    h->count[hist_index(v)]++;
+    h->n++;
+    h->sum += v;
+    if (v > h->max)
+        h->max = v;
+}
+
+static void hist_merge(struct hist *into, const struct hist *h)
+{
+    for (unsigned i = 0; i < HIST_BUCKETS; i++)
+        into->count[i] += h->count[i];
+    into->n += h->n;
+    into->sum += h->sum;
+    if (h->max > into->max)
+        into->max = h->max;
+}
+
+static double hist_percentile(const struct hist *h, double p)
+{
+    if (h->n == 0)
+        return 0;
+    uint64_t rank = (uint64_t)(p / 100.0 * (double)h->n);
+    if (rank >= h->n)
+        rank = h->n - 1;
+    uint64_t seen = 0;
+    for (unsigned i = 0; i < HIST_BUCKETS; i++) {
+        seen += h->count[i];
+        if (seen > rank)
+            return hist_value(i);
+    }
+    return (double)h->max;
+}
+
+/* --- vhost-user connection -------------------------------------------------------------- */
+
+struct vu_hdr {
+    uint32_t request;
+    uint32_t flags;
+    uint32_t size;
+};
+
+struct vu_state {
+    uint32_t index;
+    uint32_t num;
+};
+
+struct vu_addr {
+    uint32_t index;
+    uint32_t flags;
+    uint64_t desc;
+    uint64_t used;
+    uint64_t avail;
+    uint64_t log;
+};
+
+struct vu_mem {
+    uint32_t nregions;
+    uint32_t padding;
+    struct {
+        uint64_t gpa;
+        uint64_t size;
+        uint64_t uva;
+        uint64_t mmap_offset;
+    } region[1];
+};
+
+struct vu_config {
+    uint32_t offset;
+    uint32_t size;
+    uint32_t flags;
+    uint8_t data[BLK_CONFIG_SIZE];
+};
+
+struct vu_conn {
+    int sock;
+    uint64_t features;        /* acked virtio features */
+    uint64_t protocol;        /* acked protocol features */
+};
+
+static void vu_send(struct vu_conn *c, uint32_t req, bool need_reply, const void *payload,
+                    uint32_t size, const int *fds, int nfds)
+{
+    struct vu_hdr h = { req, VU_FLAG_VERSION | (need_reply ? VU_FLAG_NEED_REPLY : 0), size };
+    struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)payload, size } };
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr m = { .msg_iov = iov, .msg_iovlen = size ? 2 : 1 };
+    if (nfds > 0) {
+        memset(&ctl, 0, sizeof(ctl));
+        m.msg_control = ctl.buf;
+        m.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t n;
+    do
+        n = sendmsg(c->sock, &m, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)(sizeof(h) + size))
+        die(EXIT_BACKEND, "sending request %u: %s", req, n < 0 ? strerror(errno) : "short write");
+}
+
+static void recv_exact(int sock, void *buf, size_t len)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = recv(sock, (char *)buf + got, len - got, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            die(EXIT_BACKEND, "back-end %s", n == 0 ? "closed the connection" : strerror(errno));
+        got += (size_t)n;
+    }
+}
+
+/* The reply to req; returns its payload size (at most cap bytes are kept). */
+static uint32_t vu_recv_reply(struct vu_conn *c, uint32_t req, void *payload, uint32_t cap)
+{
+    struct vu_hdr h;
+    recv_exact(c->sock, &h, sizeof(h));
+    if (h.request != req || !(h.flags & VU_FLAG_REPLY))
+        die(EXIT_BACKEND, "expected a reply to request %u, got request %u flags %#x", req,
+            h.request, h.flags);
+    char sink[512];
+    if (h.size > sizeof(sink))
+        die(EXIT_BACKEND, "reply to request %u too large (%u bytes)", req, h.size);
+    recv_exact(c->sock, sink, h.size);
+    memcpy(payload, sink, h.size < cap ? h.size : cap);
+    return h.size;
+}
+
+static uint64_t vu_get_u64(struct vu_conn *c, uint32_t req)
+{
+    uint64_t v = 0;
+    vu_send(c, req, false, NULL, 0, NULL, 0);
+    if (vu_recv_reply(c, req, &v, sizeof(v)) != sizeof(v))
+        die(EXIT_BACKEND, "reply to request %u is not a u64", req);
+    return v;
+}
+
+/* A request without a reply of its own.  With REPLY_ACK and `ack` the back-end confirms it
+ * (and, since it serves requests in order, everything sent before it). */
+static void vu_request(struct vu_conn *c, uint32_t req, const void *payload, uint32_t size,
+                       const int *fds, int nfds, bool ack)
+{
+    ack = ack && (c->protocol & BIT(PF_REPLY_ACK));
+    vu_send(c, req, ack, payload, size, fds, nfds);
+    if (!ack)
+        return;
+    uint64_t status = 1;
+    vu_recv_reply(c, req, &status, sizeof(status));
+    if (status != 0)
+        die(EXIT_BACKEND, "back-end refused request %u (status %" PRIu64 ")", req, status);
+}
+
+static void vu_connect(struct vu_conn *c, const char *path)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof(sa.sun_path))
+        die(EXIT_SETUP, "socket path too long: %s", path);
+    strcpy(sa.sun_path, path);
+    c->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->sock < 0 || connect(c->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+        die(EXIT_SETUP, "connect %s: %s", path, strerror(errno));
+}
+
+/* GET/SET_FEATURES, protocol features and ownership, in QEMU's order.  Returns the offered
+ * virtio features.  The features themselves are acked later (SET_FEATURES) by the caller. */
+static uint64_t vu_negotiate(struct vu_conn *c, uint32_t queues)
+{
+    uint64_t offered = vu_get_u64(c, VU_GET_FEATURES);
+    if (!(offered & BIT(F_VERSION_1)))
+        die(EXIT_SETUP, "back-end does not offer VIRTIO_F_VERSION_1 (features %#" PRIx64 ")", offered);
+    if (offered & BIT(F_PROTOCOL_FEATURES)) {
+        uint64_t want = BIT(PF_MQ) | BIT(PF_REPLY_ACK) | BIT(PF_CONFIG);
+        c->protocol = vu_get_u64(c, VU_GET_PROTOCOL_FEATURES) & want;
+        vu_request(c, VU_SET_PROTOCOL_FEATURES, &c->protocol, sizeof(c->protocol), NULL, 0, false);
+    }
+    if (queues > 1) {
+        uint64_t n = c->protocol & BIT(PF_MQ) ? vu_get_u64(c, VU_GET_QUEUE_NUM) : 1;
+        if (n < queues || !(offered & BIT(F_BLK_MQ)))
+            die(EXIT_SETUP, "back-end serves %" PRIu64 " queue(s), %u asked", n, queues);
+    }
+    vu_request(c, VU_SET_OWNER, NULL, 0, NULL, 0, false);
+    return offered;
+}
+
+static uint64_t vu_capacity_sectors(struct vu_conn *c)
+{
+    if (!(c->protocol & BIT(PF_CONFIG)))
+        die(EXIT_SETUP, "back-end does not offer VHOST_USER_PROTOCOL_F_CONFIG: no capacity");
+    struct vu_config cfg = { 0, BLK_CONFIG_SIZE, 0, { 0 } };
+    vu_send(c, VU_GET_CONFIG, false, &cfg, sizeof(cfg), NULL, 0);
+    uint32_t n = vu_recv_reply(c, VU_GET_CONFIG, &cfg, sizeof(cfg));
+    if (n != sizeof(cfg) || cfg.size != BLK_CONFIG_SIZE)
+        die(EXIT_BACKEND, "GET_CONFIG failed (reply of %u bytes)", n);
+    uint64_t capacity;
+    memcpy(&capacity, cfg.data, sizeof(capacity));   /* virtio_blk_config.capacity */
+    return capacity;
+}
+
+/* --- guest RAM ------------------------------------------------------------------------- */
+
+/* Guest "physical" addresses start here, as on a PC; the rings are passed by our own
+ * (front-end) virtual addresses, as QEMU passes its own. */
+#define GPA_BASE 0x100000ull
+
+struct ram {
+    int fd;
+    uint8_t *base;
+    uint64_t size;
+    uint64_t used;
+};
+
+static void ram_create(struct ram *r, uint64_t size)
+{
+    r->size = size;
+    r->used = 0;
+    r->fd = memfd_create("blkfe-guest-ram", MFD_CLOEXEC);
+    if (r->fd < 0 || ftruncate(r->fd, (off_t)size) < 0)
+        die(EXIT_SETUP, "memfd of %" PRIu64 " bytes: %s", size, strerror(errno));
+    r->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, 0);
+    if (r->base == MAP_FAILED)
+        die(EXIT_SETUP, "mmap guest RAM: %s", strerror(errno));
+}
+
+static void *ram_alloc(struct ram *r, uint64_t size, uint64_t align)
+{
+    uint64_t off = align_up(r->used, align);
+    if (off + size > r->size)
+        die(EXIT_SETUP, "guest RAM too small (%" PRIu64 " MiB): raise --ram-mib", r->size >> 20);
+    r->used = off + size;
+    return r->base + off;
+}
+
+static uint64_t ram_gpa(const struct ram *r, const void *p)
+{
+    return GPA_BASE + (uint64_t)((const uint8_t *)p - r->base);
+}
+
+static void vu_set_mem_table(struct vu_conn *c, const struct ram *r)
+{
+    struct vu_mem m = { .nregions = 1 };
+    m.region[0].gpa = GPA_BASE;
+    m.region[0].size = r->size;
+    m.region[0].uva = (uint64_t)(uintptr_t)r->base;
+    m.region[0].mmap_offset = 0;
+    vu_request(c, VU_SET_MEM_TABLE, &m, sizeof(m), &r->fd, 1, true);
+}
+
+/* --- split virtqueue, driver side -------------------------------------------------------- */
+
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];           /* then used_event (EVENT_IDX) */
+};
+
+struct vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+struct vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct vring_used_elem ring[];   /* then avail_event (EVENT_IDX) */
+};
+
+struct blk_outhdr {
+    uint32_t type;
+    uint32_t ioprio;
+    uint64_t sector;
+};
+
+/* Each request slot owns a fixed three-descriptor chain: header, data, status. */
+#define DESCS_PER_REQ 3
+
+struct slot {
+    uint64_t t_submit;
+    uint64_t sector;
+    uint32_t type;
+    bool busy;
+};
+
+/* What a queue's thread does in one phase. */
+struct job {
+    uint32_t type;            /* BLK_T_IN, BLK_T_OUT or BLK_T_FLUSH */
+    bool random;
+    bool fill_pattern;        /* writes: the verify pattern of each sector */
+    bool check_pattern;       /* reads: compare with it */
+    uint64_t first, count;    /* blocks of bs: the range this queue covers */
+    uint64_t issued;          /* untimed jobs end after `count` requests */
+    uint64_t deadline;        /* timed jobs (ns, CLOCK_MONOTONIC); 0: untimed */
+};
+
+struct queue {
+    /* The ring, in guest RAM. */
+    uint16_t index, num;
+    bool event_idx;
+    struct vring_desc *desc;
+    struct vring_avail *avail;
+    struct vring_used *used;
+    uint16_t *used_event;     /* &avail->ring[num] */
+    uint16_t *avail_event;    /* &used->ring[num] */
+    uint16_t avail_idx;       /* next avail slot; published to avail->idx per batch */
+    uint16_t kicked_idx;      /* avail->idx at the last kick decision */
+    uint16_t last_used;       /* next used entry to reap */
+    int kick_fd, call_fd, err_fd;
+    /* Requests. */
+    uint32_t qd, bs;
+    struct slot *slots;
+    uint32_t *free_slots, nfree;
+    struct blk_outhdr *hdrs;  /* per slot; the driver writes them */
+    uint8_t *status;          /* per slot; the device writes them (kept apart from hdrs) */
+    uint8_t *data;            /* qd * bs */
+    const struct ram *ram;
+    /* Workload. */
+    struct job job;
+    uint64_t rng;
+    uint64_t seed;
+    int cpu;
+    pthread_t thread;
+    /* Results. */
+    struct hist lat;
+    uint64_t completed;       /* read by the watchdog (relaxed atomics) */
+    uint64_t errors, mismatches, kicks, wakeups, t_start, t_end;
+};
+
+static struct vring_desc *slot_chain(struct queue *q, uint32_t s)
+{
+    return &q->desc[s * DESCS_PER_REQ];
+}
+
+static uint8_t *slot_data(struct queue *q, uint32_t s)
+{
+    return q->data + (uint64_t)s * q->bs;
+}
+
+static void queue_layout(struct queue *q, struct ram *ram, uint16_t index, uint32_t num,
+                         uint32_t qd, uint32_t bs, bool event_idx)
+{
+    q->index = index;
+    q->num = (uint16_t)num;
+    q->event_idx = event_idx;
+    q->ram = ram;
+    /* Each part on its own pages: the driver writes desc/avail, the device writes used;
+     * sharing a cache line would bounce it between the two CPUs for nothing. */
+    q->desc = ram_alloc(ram, 16ull * num, 4096);
+    q->avail = ram_alloc(ram, 6 + 2ull * num, 4096);
+    q->used = ram_alloc(ram, 6 + 8ull * num, 4096);
+    q->used_event = &q->avail->ring[num];
+    q->avail_event = (uint16_t *)&q->used->ring[num];
+    q->qd = qd;
+    q->bs = bs;
+    q->hdrs = ram_alloc(ram, sizeof(struct blk_outhdr) * qd, 4096);
+    q->status = ram_alloc(ram, qd, 4096);
+    q->data = ram_alloc(ram, (uint64_t)qd * bs, 4096);
+    q->slots = calloc(qd, sizeof(*q->slots));
+    q->free_slots = calloc(qd, sizeof(*q->free_slots));
+    if (!q->slots || !q->free_slots)
+        die(EXIT_SETUP, "out of memory");
+    /* Hand out slots low first (LIFO below): a small QD touches few data pages. */
+    for (uint32_t s = 0; s < qd; s++)
+        q->free_slots[s] = qd - 1 - s;
+    q->nfree = qd;
+    q->kick_fd = eventfd(0, EFD_CLOEXEC);
+    q->call_fd = eventfd(0, EFD_CLOEXEC);
+    q->err_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (q->kick_fd < 0 || q->call_fd < 0 || q->err_fd < 0)
+        die(EXIT_SETUP, "eventfd: %s", strerror(errno));
+}
+
+/* The usual QEMU sequence for one ring; the kick fd last, as it starts the ring. */
+static void vu_start_queue(struct vu_conn *c, const struct queue *q)
+{
+    struct vu_state num = { q->index, q->num }, base = { q->index, 0 }, enable = { q->index, 1 };
+    struct vu_addr addr = {
+        .index = q->index,
+        .desc = (uint64_t)(uintptr_t)q->desc,
+        .used = (uint64_t)(uintptr_t)q->used,
+        .avail = (uint64_t)(uintptr_t)q->avail,
+    };
+    uint64_t idx = q->index;
+    vu_request(c, VU_SET_VRING_NUM, &num, sizeof(num), NULL, 0, false);
+    vu_request(c, VU_SET_VRING_BASE, &base, sizeof(base), NULL, 0, false);
+    vu_request(c, VU_SET_VRING_ADDR, &addr, sizeof(addr), NULL, 0, false);
+    vu_request(c, VU_SET_VRING_CALL, &idx, sizeof(idx), &q->call_fd, 1, false);
+    vu_request(c, VU_SET_VRING_ERR, &idx, sizeof(idx), &q->err_fd, 1, false);
+    vu_request(c, VU_SET_VRING_KICK, &idx, sizeof(idx), &q->kick_fd, 1, false);
+    if (c->features & BIT(F_PROTOCOL_FEATURES))
+        vu_request(c, VU_SET_VRING_ENABLE, &enable, sizeof(enable), NULL, 0, true);
+}
+
+/* The verify pattern: every 8-byte word names its sector, its place and the seed, so a
+ * sector read from the wrong offset, a stale one or a torn one all show. */
+static uint64_t pattern_word(uint64_t seed, uint64_t sector, unsigned word)
+{
+    return (sector << 8 | word) ^ (seed * 0x9E3779B97F4A7C15ull);
+}
+
+static void fill_pattern(uint8_t *buf, uint32_t len, uint64_t sector, uint64_t seed)
+{
+    for (uint32_t off = 0; off < len; off += SECTOR, sector++)
+        for (unsigned w = 0; w < SECTOR / 8; w++) {
+            uint64_t v = pattern_word(seed, sector, w);
+            memcpy(buf + off + 8 * w, &v, 8);
+        }
+}
+
+/* Returns the number of mismatching sectors; reports the first one if `report`. */
+static uint64_t check_pattern(const uint8_t *buf, uint32_t len, uint64_t sector, uint64_t seed,
+                              unsigned queue, bool report)
+{
+    uint64_t bad = 0;
+    for (uint32_t off = 0; off < len; off += SECTOR, sector++)
+        for (unsigned w = 0; w < SECTOR / 8; w++) {
+            uint64_t v, want = pattern_word(seed, sector, w);
+            memcpy(&v, buf + off + 8 * w, 8);
+            if (v == want)
+                continue;
+            if (report && bad == 0)
+                fprintf(stderr, "blkfe: queue %u: sector %" PRIu64 " word %u: got %#" PRIx64
+                        ", expected %#" PRIx64 "\n", queue, sector, w, v, want);
+            bad++;
+            break;
+        }
+    return bad;
+}
+
+/* Puts a request in slot s on the ring.  Not visible to the device until queue_publish(). */
+static void queue_add(struct queue *q, uint32_t s, uint32_t type, uint64_t sector, uint64_t now)
+{
+    struct vring_desc *d = slot_chain(q, s);
+    uint16_t head = (uint16_t)(s * DESCS_PER_REQ);
+    struct blk_outhdr *h = &q->hdrs[s];
+    h->type = type;
+    h->ioprio = 0;
+    h->sector = sector;
+    /* Not a valid status: a completion that never wrote one is caught. */
+    q->status[s] = 0xff;
+    d[0] = (struct vring_desc){ ram_gpa(q->ram, h), sizeof(*h), VRING_DESC_F_NEXT,
+                                (uint16_t)(head + (type == BLK_T_FLUSH ? 2 : 1)) };
+    if (type != BLK_T_FLUSH)
+        d[1] = (struct vring_desc){ ram_gpa(q->ram, slot_data(q, s)), q->bs,
+                                    (uint16_t)(VRING_DESC_F_NEXT | (type == BLK_T_IN ? VRING_DESC_F_WRITE : 0)),
+                                    (uint16_t)(head + 2) };
+    d[2] = (struct vring_desc){ ram_gpa(q->ram, &q->status[s]), 1, VRING_DESC_F_WRITE, 0 };
+    /* A plain store: the release store of avail->idx in queue_publish() orders it (and the
+     * descriptors and header above) before the device can see the new index. */
+    q->avail->ring[q->avail_idx & (q->num - 1)] = head;
+    q->avail_idx++;
+    q->slots[s] = (struct slot){ now, sector, type, true };
+}
+
+/* Makes the added requests visible and kicks if the device wants a kick. */
+static void queue_publish(struct queue *q)
+{
+    uint16_t old = q->kicked_idx, new = q->avail_idx;
+    if (old == new)
+        return;
+    __atomic_store_n(&q->avail->idx, new, __ATOMIC_RELEASE);
+    q->kicked_idx = new;
+    /* The device re-enables kicks (clears NO_NOTIFY / writes avail_event) and then re-reads
+     * avail->idx; we publish avail->idx and then read its suppression field.  Without a full
+     * barrier both loads could see the old values (store-load reordering) and the requests
+     * would sit unseen with nobody kicking. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    bool kick = q->event_idx ? vring_need_event(load16(q->avail_event), new, old)
+                             : !(load16(&q->used->flags) & VRING_USED_F_NO_NOTIFY);
+    if (kick) {
+        eventfd_write(q->kick_fd, 1);
+        q->kicks++;
+    }
+}
+
+/* The next request of the job, or false when the job issues no more. */
+static bool job_next(struct job *j, uint64_t *rng, uint64_t now, uint64_t *block)
+{
+    if (j->deadline ? now >= j->deadline : j->issued == j->count)
+        return false;
+    uint64_t i = j->random ? rng_next(rng) % j->count : j->issued % j->count;
+    j->issued++;
+    *block = j->first + i;
+    return true;
+}
+
+/* Fills free slots with the job's next requests (they are published by the caller). */
+static void queue_refill(struct queue *q, uint64_t now)
+{
+    uint64_t block;
+    while (q->nfree > 0 && job_next(&q->job, &q->rng, now, &block)) {
+        uint32_t s = q->free_slots[--q->nfree];
+        uint64_t sector = block * (q->bs / SECTOR);
+        if (q->job.fill_pattern)
+            fill_pattern(slot_data(q, s), q->bs, sector, q->seed);
+        queue_add(q, s, q->job.type, sector, now);
+    }
+}
+
+static void queue_complete(struct queue *q, uint32_t s, uint64_t now)
+{
+    struct slot *sl = &q->slots[s];
+    hist_add(&q->lat, now - sl->t_submit);
+    uint8_t status = q->status[s];
+    if (status != BLK_S_OK) {
+        if (q->errors == 0)
+            fprintf(stderr, "blkfe: queue %u: request type %u sector %" PRIu64 ": status %u\n",
+                    q->index, sl->type, sl->sector, status);
+        q->errors++;
+    } else if (q->job.check_pattern && sl->type == BLK_T_IN) {
+        q->mismatches += check_pattern(slot_data(q, s), q->bs, sl->sector, q->seed, q->index,
+                                        q->mismatches == 0);
+    }
+    sl->busy = false;
+    q->free_slots[q->nfree++] = s;
+}
+
+/* Reaps every used entry the device published; returns how many. */
+static uint32_t queue_reap(struct queue *q, uint64_t now)
+{
+    /* Acquire: the used entries, status bytes and read data the device wrote before its
+     * release store of used->idx are visible to the loads below. */
+    uint16_t end = __atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE);
+    uint32_t n = 0;
+    for (; q->last_used != end; q->last_used++, n++) {
+        const struct vring_used_elem *e = &q->used->ring[q->last_used & (q->num - 1)];
+        uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
+        uint32_t s = id / DESCS_PER_REQ;
+        if (id % DESCS_PER_REQ != 0 || s >= q->qd || !q->slots[s].busy)
+            die(EXIT_BACKEND, "queue %u: device used id %u, which is not in flight", q->index, id);
+        queue_complete(q, s, now);
+    }
+    if (n)
+        __atomic_store_n(&q->completed, q->completed + n, __ATOMIC_RELAXED);
+    return n;
+}
+
+/* Asks for an interrupt on the next completion; true if none is pending, so sleeping is safe. */
+static bool queue_arm_interrupt(struct queue *q)
+{
+    if (q->event_idx)
+        store16(q->used_event, q->last_used);
+    else
+        store16(&q->avail->flags, 0);
+    /* Mirror of queue_publish(): the device publishes used->idx and then reads used_event /
+     * flags; we write those and then re-read used->idx.  A full barrier keeps one of the two
+     * sides from missing the other's store, which would leave us asleep with work done. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE) == q->last_used;
+}
+
+/* While we reap anyway, interrupts are wasted work for the device.  With EVENT_IDX nothing
+ * to do: used_event stays behind, so the device does not notify again until it is re-armed. */
+static void queue_mask_interrupt(struct queue *q)
+{
+    if (!q->event_idx)
+        store16(&q->avail->flags, VRING_AVAIL_F_NO_INTERRUPT);
+}
+
+/* Sleeps until the device signals the call eventfd.  poll() first because the fd's open file
+ * description is shared with the back-end, and some (QEMU's event loop) make it O_NONBLOCK;
+ * every back-end then costs the front-end the same two system calls per interrupt. */
+static void queue_wait_interrupt(struct queue *q)
+{
+    struct pollfd p = { .fd = q->call_fd, .events = POLLIN };
+    eventfd_t v;
+    while (poll(&p, 1, -1) < 0 || eventfd_read(q->call_fd, &v) < 0) {
+        if (errno != EINTR && errno != EAGAIN)
+            die(EXIT_BACKEND, "queue %u: call eventfd: %s", q->index, strerror(errno));
+    }
+    q->wakeups++;
+}
+
+/* Runs q->job to its end: every request issued and completed. */
+static void queue_run_job(struct queue *q)
+{
+    uint64_t now = now_ns();
+    queue_refill(q, now);
+    queue_publish(q);
+    while (q->nfree < q->qd) {
+        now = now_ns();   /* one clock read stamps every completion and submission of a batch */
+        if (queue_reap(q, now) == 0) {
+            if (queue_arm_interrupt(q))
+                queue_wait_interrupt(q);
+            queue_mask_interrupt(q);
+            continue;
+        }
+        queue_refill(q, now);
+        queue_publish(q);
+    }
+}
+
+/* --- options and the run ------------------------------------------------------------------ */
+
+enum mode { RANDREAD, RANDWRITE, SEQREAD, SEQWRITE };
+
+struct options {
+    const char *socket;
+    enum mode mode;
+    uint32_t bs, qd, queues, ring;
+    double seconds;
+    uint64_t offset_mib, size_mib;   /* size 0: to the end of the disk */
+    uint64_t ram_mib;
+    uint64_t seed;
+    bool event_idx, verify, check_only, sync;
+    int cpus[64];
+    int ncpus;
+};
+
+struct run {
+    struct options opt;
+    struct vu_conn conn;
+    struct ram ram;
+    uint64_t capacity;           /* bytes */
+    uint64_t range_first, range_blocks;   /* blocks of bs */
+    bool flush;                  /* VIRTIO_BLK_F_FLUSH negotiated */
+    struct queue *q;
+    pthread_barrier_t start, phase;
+    uint32_t finished;           /* queue threads done (atomic) */
+};
+
+static const char *mode_name(enum mode m)
+{
+    static const char *names[] = { "randread", "randwrite", "seqread", "seqwrite" };
+    return names[m];
+}
+
+/* Queue i's share of the range, in blocks. */
+static void range_share(const struct run *r, uint32_t i, uint64_t *first, uint64_t *count)
+{
+    uint64_t n = r->range_blocks, qn = r->opt.queues;
+    *first = r->range_first + n * i / qn;
+    *count = n * (i + 1) / qn - n * i / qn;
+}
+
+static void pin_thread(int cpu)
+{
+    if (cpu < 0)
+        return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    int rc = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    if (rc != 0)
+        die(EXIT_SETUP, "pinning to CPU %d: %s", cpu, strerror(rc));
+}
+
+static void bench_phase(struct run *r, struct queue *q)
+{
+    const struct options *o = &r->opt;
+    q->job = (struct job){ .type = o->mode == RANDREAD || o->mode == SEQREAD ? BLK_T_IN : BLK_T_OUT,
+                           .random = o->mode == RANDREAD || o->mode == RANDWRITE };
+    range_share(r, q->index, &q->job.first, &q->job.count);
+    q->t_start = now_ns();
+    q->job.deadline = q->t_start + (uint64_t)(o->seconds * 1e9);
+    queue_run_job(q);
+    q->t_end = now_ns();
+}
+
+/* Write own share, flush, then (after every queue wrote) read the next queue's share: data
+ * must be visible across queues, not just echoed back by the queue that wrote it. */
+static void verify_phases(struct run *r, struct queue *q)
+{
+    uint32_t Q = r->opt.queues;
+    q->t_start = now_ns();
+    if (!r->opt.check_only) {
+        q->job = (struct job){ .type = BLK_T_OUT, .fill_pattern = true };
+        range_share(r, q->index, &q->job.first, &q->job.count);
+        queue_run_job(q);
+        if (r->flush) {
+            q->job = (struct job){ .type = BLK_T_FLUSH, .count = 1 };
+            queue_run_job(q);
+        }
+        pthread_barrier_wait(&r->phase);
+    }
+    q->job = (struct job){ .type = BLK_T_IN, .check_pattern = true };
+    range_share(r, (q->index + 1) % Q, &q->job.first, &q->job.count);
+    queue_run_job(q);
+    q->t_end = now_ns();
+}
+
+struct thread_arg {
+    struct run *run;
+    struct queue *q;
+};
+
+static void *queue_main(void *arg)
+{
+    struct thread_arg *a = arg;
+    pin_thread(a->q->cpu);
+    pthread_barrier_wait(&a->run->start);
+    if (a->run->opt.verify)
+        verify_phases(a->run, a->q);
+    else
+        bench_phase(a->run, a->q);
+    __atomic_add_fetch(&a->run->finished, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* While the queue threads run: a back-end that breaks a ring (err eventfd), hangs up or stops
+ * completing requests ends the run with a message instead of hanging it. */
+#define STALL_NS (10 * 1000000000ull)
+#define MAX_QUEUES 16
+
+static void watch_run(struct run *r)
+{
+    uint32_t Q = r->opt.queues;
+    struct pollfd pfd[MAX_QUEUES + 1];
+    for (uint32_t i = 0; i < Q; i++)
+        pfd[i] = (struct pollfd){ .fd = r->q[i].err_fd, .events = POLLIN };
+    /* The back-end never writes to this socket unasked: readable means it hung up. */
+    pfd[Q] = (struct pollfd){ .fd = r->conn.sock, .events = POLLIN };
+    uint64_t last_total = 0, last_change = now_ns();
+    while (__atomic_load_n(&r->finished, __ATOMIC_ACQUIRE) < Q) {
+        if (poll(pfd, Q + 1, 100) > 0) {
+            for (uint32_t i = 0; i < Q; i++)
+                if (pfd[i].revents)
+                    die(EXIT_BACKEND, "queue %u: the back-end signalled a broken ring", i);
+            if (pfd[Q].revents)
+                die(EXIT_BACKEND, "the back-end closed the connection during the run");
+        }
+        uint64_t total = 0;
+        for (uint32_t i = 0; i < Q; i++)
+            total += __atomic_load_n(&r->q[i].completed, __ATOMIC_RELAXED);
+        uint64_t t = now_ns();
+        if (total != last_total) {
+            last_total = total;
+            last_change = t;
+        } else if (t - last_change > STALL_NS) {
+            die(EXIT_BACKEND, "no request completed for %llu s", STALL_NS / 1000000000ull);
+        }
+    }
+}
+
+static void usage(FILE *f)
+{
+    fputs("usage: blkfe --socket PATH [options]\n"
+          "  --rw MODE        randread | randwrite | seqread | seqwrite (default randread)\n"
+          "  --bs BYTES       request size, a multiple of 512 (default 4096)\n"
+          "  --qd N           requests in flight per queue (default 32)\n"
+          "  --queues N       request queues, one thread each (default 1)\n"
+          "  --ring N         ring size, a power of two >= 3*qd (default max(256, that))\n"
+          "  --seconds S      run time (default 5)\n"
+          "  --offset-mib M   start of the disk range used (default 0)\n"
+          "  --size-mib M     its size (default: to the end of the disk)\n"
+          "  --cpus LIST      pin queue thread i to CPU LIST[i %% n], e.g. 1 or 0,1\n"
+          "  --no-event-idx   do not negotiate VIRTIO_F_EVENT_IDX\n"
+          "  --ram-mib M      guest RAM (default: 64, or more if the requests need it)\n"
+          "  --seed N         offsets and verify pattern (default 1)\n"
+          "  --verify         write a pattern over the range, flush, read back and compare\n"
+          "  --check          only read the range back and compare (after a --verify)\n"
+          "  --sync           print READY and wait for a stdin line before the run; after the\n"
+          "                   JSON line wait for stdin EOF before disconnecting\n", f);
+}
+
+static uint64_t parse_u64(const char *name, const char *s, uint64_t min, uint64_t max)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || end == s || *end || *s == '-' || v < min || v > max)
+        die(EXIT_SETUP, "--%s: %s is not an integer in %" PRIu64 "..%" PRIu64, name, s, min, max);
+    return v;
+}
+
+static void parse_cpus(struct options *o, const char *s)
+{
+    o->ncpus = 0;
+    for (const char *p = s; *p;) {
+        char *end;
+        long cpu = strtol(p, &end, 10);
+        if (end == p || cpu < 0 || cpu >= CPU_SETSIZE || o->ncpus == 64 || (*end && *end != ','))
+            die(EXIT_SETUP, "--cpus: bad list %s", s);
+        o->cpus[o->ncpus++] = (int)cpu;
+        p = *end ? end + 1 : end;
+    }
+}
+
+static void parse_options(struct options *o, int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "socket", required_argument, NULL, 'S' }, { "rw", required_argument, NULL, 'w' },
+        { "bs", required_argument, NULL, 'b' },     { "qd", required_argument, NULL, 'd' },
+        { "queues", required_argument, NULL, 'q' }, { "ring", required_argument, NULL, 'r' },
+        { "seconds", required_argument, NULL, 't' }, { "offset-mib", required_argument, NULL, 'o' },
+        { "size-mib", required_argument, NULL, 'z' }, { "cpus", required_argument, NULL, 'c' },
+        { "no-event-idx", no_argument, NULL, 'E' }, { "ram-mib", required_argument, NULL, 'm' },
+        { "seed", required_argument, NULL, 's' },   { "verify", no_argument, NULL, 'V' },
+        { "sync", no_argument, NULL, 'Y' },         { "help", no_argument, NULL, 'h' },
+        { "check", no_argument, NULL, 'C' },
+        { NULL, 0, NULL, 0 },
+    };
+    *o = (struct options){ .mode = RANDREAD, .bs = 4096, .qd = 32, .queues = 1, .seconds = 5,
+                           .seed = 1, .event_idx = true };
+    int c;
+    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'S': o->socket = optarg; break;
+        case 'w':
+            for (o->mode = RANDREAD; o->mode <= SEQWRITE; o->mode++)
+                if (strcmp(optarg, mode_name(o->mode)) == 0)
+                    break;
+            if (o->mode > SEQWRITE)
+                die(EXIT_SETUP, "--rw: unknown mode %s", optarg);
+            break;
+        case 'b': o->bs = (uint32_t)parse_u64("bs", optarg, SECTOR, 4u << 20); break;
+        case 'd': o->qd = (uint32_t)parse_u64("qd", optarg, 1, 4096); break;
+        case 'q': o->queues = (uint32_t)parse_u64("queues", optarg, 1, MAX_QUEUES); break;
+        case 'r': o->ring = (uint32_t)parse_u64("ring", optarg, 1, 32768); break;
+        case 't': {
+            char *end;
+            o->seconds = strtod(optarg, &end);
+            if (end == optarg || *end || !(o->seconds > 0 && o->seconds < 1e6))
+                die(EXIT_SETUP, "--seconds: %s is not a positive number", optarg);
+            break;
+        }
+        case 'o': o->offset_mib = parse_u64("offset-mib", optarg, 0, 1ull << 40); break;
+        case 'z': o->size_mib = parse_u64("size-mib", optarg, 1, 1ull << 40); break;
+        case 'c': parse_cpus(o, optarg); break;
+        case 'E': o->event_idx = false; break;
+        case 'm': o->ram_mib = parse_u64("ram-mib", optarg, 1, 1ull << 20); break;
+        case 's': o->seed = parse_u64("seed", optarg, 0, UINT64_MAX); break;
+        case 'V': o->verify = true; break;
+        case 'C': o->verify = o->check_only = true; break;
+        case 'Y': o->sync = true; break;
+        case 'h': usage(stdout); exit(0);
+        default: usage(stderr); exit(EXIT_SETUP);
+        }
+    }
+    if (optind != argc || !o->socket) {
+        usage(stderr);
+        exit(EXIT_SETUP);
+    }
+    if (o->bs % SECTOR)
+        die(EXIT_SETUP, "--bs: %u is not a multiple of %u", o->bs, SECTOR);
+    uint32_t need = DESCS_PER_REQ * o->qd;
+    if (o->ring == 0)
+        o->ring = pow2_ceil(need < 256 ? 256 : need);
+    if (o->ring & (o->ring - 1) || o->ring < need || o->ring > 32768)
+        die(EXIT_SETUP, "--ring: %u is not a power of two in %u..32768", o->ring, need);
+}
+
+/* The disk range in blocks of bs, checked against the capacity the back-end reported. */
+static void set_range(struct run *r)
+{
+    const struct options *o = &r->opt;
+    uint64_t off = o->offset_mib << 20;
+    uint64_t size = o->size_mib ? o->size_mib << 20 : (off < r->capacity ? r->capacity - off : 0);
+    if (off > r->capacity || size > r->capacity - off)
+        die(EXIT_SETUP, "range %" PRIu64 "+%" PRIu64 " MiB is beyond the disk (%" PRIu64 " bytes)",
+            off >> 20, size >> 20, r->capacity);
+    if (off % o->bs)
+        die(EXIT_SETUP, "--offset-mib is not a multiple of --bs");
+    r->range_first = off / o->bs;
+    r->range_blocks = size / o->bs;
+    if (r->range_blocks < o->queues)
+        die(EXIT_SETUP, "the range holds %" PRIu64 " blocks of %u bytes: fewer than the queues",
+            r->range_blocks, o->bs);
+}
+
+static uint64_t ram_needed(const struct options *o)
+{
+    uint64_t per_queue = align_up(16ull * o->ring, 4096) + align_up(6 + 2ull * o->ring, 4096) +
+                         align_up(6 + 8ull * o->ring, 4096) + align_up(16ull * o->qd, 4096) +
+                         align_up(o->qd, 4096) + align_up((uint64_t)o->qd * o->bs, 4096);
+    return align_up(per_queue * o->queues, 2u << 20);
+}
+
+static void setup(struct run *r)
+{
+    const struct options *o = &r->opt;
+    struct vu_conn *c = &r->conn;
+    vu_connect(c, o->socket);
+    uint64_t offered = vu_negotiate(c, o->queues);
+    r->capacity = vu_capacity_sectors(c) * SECTOR;
+    set_range(r);
+
+    c->features = BIT(F_VERSION_1) | (offered & (BIT(F_PROTOCOL_FEATURES) | BIT(F_BLK_FLUSH)));
+    if (o->event_idx)
+        c->features |= offered & BIT(F_RING_EVENT_IDX);
+    if (o->queues > 1)
+        c->features |= BIT(F_BLK_MQ);
+    r->flush = c->features & BIT(F_BLK_FLUSH);
+    vu_request(c, VU_SET_FEATURES, &c->features, sizeof(c->features), NULL, 0, false);
+
+    uint64_t size = o->ram_mib ? o->ram_mib << 20 : 64u << 20;
+    if (size < ram_needed(o)) {
+        if (o->ram_mib)
+            die(EXIT_SETUP, "--ram-mib: the rings and buffers need %" PRIu64 " MiB", ram_needed(o) >> 20);
+        size = ram_needed(o);
+    }
+    ram_create(&r->ram, size);
+    r->q = calloc(o->queues, sizeof(*r->q));
+    if (!r->q)
+        die(EXIT_SETUP, "out of memory");
+    for (uint32_t i = 0; i < o->queues; i++) {
+        struct queue *q = &r->q[i];
+        queue_layout(q, &r->ram, (uint16_t)i, o->ring, o->qd, o->bs,
+                     c->features & BIT(F_RING_EVENT_IDX));
+        q->seed = o->seed;
+        q->rng = (o->seed + 1) * 0x9E3779B97F4A7C15ull + i;   /* never zero for xorshift */
+        q->cpu = o->ncpus ? o->cpus[i % (uint32_t)o->ncpus] : -1;
+        for (uint32_t s = 0; s < q->qd; s++)   /* benchmark writes carry data, not zeros */
+            fill_pattern(slot_data(q, s), q->bs, s, o->seed);
+    }
+    vu_set_mem_table(c, &r->ram);
+    for (uint32_t i = 0; i < o->queues; i++)
+        vu_start_queue(c, &r->q[i]);
+    /* Without REPLY_ACK nothing confirmed the ring setup: any reply does, since the back-end
+     * serves requests in order. */
+    if (!(c->protocol & BIT(PF_REPLY_ACK)))
+        vu_get_u64(c, VU_GET_FEATURES);
+}
+
+static bool report(const struct run *r)
+{
+    const struct options *o = &r->opt;
+    static struct hist lat;
+    uint64_t t0 = UINT64_MAX, t1 = 0, errors = 0, mismatches = 0, kicks = 0, wakeups = 0;
+    for (uint32_t i = 0; i < o->queues; i++) {
+        const struct queue *q = &r->q[i];
+        hist_merge(&lat, &q->lat);
+        t0 = q->t_start < t0 ? q->t_start : t0;
+        t1 = q->t_end > t1 ? q->t_end : t1;
+        errors += q->errors;
+        mismatches += q->mismatches;
+        kicks += q->kicks;
+        wakeups += q->wakeups;
+    }
+    double secs = (double)(t1 - t0) / 1e9, n = lat.n ? (double)lat.n : 1;
+    printf("{\"rw\": \"%s\", \"bs\": %u, \"qd\": %u, \"queues\": %u, \"ring\": %u, "
+           "\"event_idx\": %s, \"seconds\": %.4f, \"requests\": %" PRIu64 ", \"iops\": %.1f, "
+           "\"mib_s\": %.2f, \"p50_us\": %.2f, \"p99_us\": %.2f, \"p999_us\": %.2f, "
+           "\"mean_us\": %.2f, \"max_us\": %.2f, \"kicks_per_req\": %.4f, "
+           "\"wakeups_per_req\": %.4f, \"errors\": %" PRIu64,
+           o->check_only ? "check" : o->verify ? "verify" : mode_name(o->mode), o->bs, o->qd, o->queues, o->ring,
+           r->q[0].event_idx ? "true" : "false", secs, lat.n, (double)lat.n / secs,
+           (double)lat.n * o->bs / secs / (1 << 20), hist_percentile(&lat, 50) / 1e3,
+           hist_percentile(&lat, 99) / 1e3, hist_percentile(&lat, 99.9) / 1e3,
+           (double)lat.sum / n / 1e3, (double)lat.max / 1e3, (double)kicks / n,
+           (double)wakeups / n, errors);
+    if (o->verify)
+        printf(", \"verify\": \"%s\", \"bytes_verified\": %" PRIu64 ", \"mismatched_sectors\": %" PRIu64,
+               errors || mismatches ? "failed" : "ok", r->range_blocks * o->bs, mismatches);
+    printf("}\n");
+    fflush(stdout);
+    return errors == 0 && mismatches == 0;
+}
+
+/* --sync: blocks until the caller writes a line (true) or closes stdin (false). */
+static bool wait_stdin_line(void)
+{
+    char line[64];
+    return fgets(line, sizeof(line), stdin) != NULL;
+}
+
+int main(int argc, char **argv)
+{
+    static struct run r;
+    parse_options(&r.opt, argc, argv);
+    setup(&r);
+
+    uint32_t Q = r.opt.queues;
+    pthread_barrier_init(&r.start, NULL, Q + 1);
+    pthread_barrier_init(&r.phase, NULL, Q);
+    struct thread_arg args[MAX_QUEUES];
+    for (uint32_t i = 0; i < Q; i++) {
+        args[i] = (struct thread_arg){ &r, &r.q[i] };
+        int rc = pthread_create(&r.q[i].thread, NULL, queue_main, &args[i]);
+        if (rc != 0)
+            die(EXIT_SETUP, "pthread_create: %s", strerror(rc));
+    }
+    if (r.opt.sync) {
+        puts("READY");
+        fflush(stdout);
+        if (!wait_stdin_line())
+            die(EXIT_SETUP, "--sync: stdin closed before the go line");
+    }
+    pthread_barrier_wait(&r.start);
+    watch_run(&r);
+    for (uint32_t i = 0; i < Q; i++)
+        pthread_join(r.q[i].thread, NULL);
+    bool ok = report(&r);
+    if (r.opt.sync)
+        while (wait_stdin_line())
+            ;
+    close(r.conn.sock);
+    return ok ? 0 : EXIT_MISMATCH;
+}
