@@ -85,6 +85,11 @@ void vhd_blk_queue_free(vhd_blk_queue *q)
     free(q);
 }
 
+uint32_t vhd_blk_queue_inflight(const vhd_blk_queue *q)
+{
+    return q->depth - __atomic_load_n(&q->nfree, __ATOMIC_RELAXED);
+}
+
 int vhd_blk_queue_completions(vhd_blk_queue *q)
 {
     return io_uring_cq_ready(&q->ring) > 0;

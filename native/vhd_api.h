@@ -181,14 +181,33 @@ void vhd_blk_queue_free(vhd_blk_queue *q);
 int vhd_blk_queue_fd(const vhd_blk_queue *q);
 /* Reaps completions and submits what the ring holds; returns 0 or a ring error. */
 int vhd_blk_queue_run(vhd_blk_queue *q, vhd_vring *vr);
+/* Requests submitted and not yet completed (read racily, for status). */
+uint32_t vhd_blk_queue_inflight(const vhd_blk_queue *q);
 /* True if completions are waiting to be reaped (busy-poll). */
 int vhd_blk_queue_completions(vhd_blk_queue *q);
 /* Waits for and completes every request in flight (before a ring stops). */
 void vhd_blk_queue_drain(vhd_blk_queue *q, vhd_vring *vr);
 
+/* virtio-net control virtqueue, when the front-end hands it over. */
+typedef struct vhd_net_ctrl vhd_net_ctrl;
+
+struct vhd_net_ctrl_state {
+    uint16_t active_pairs;      /* VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET */
+    uint32_t generation;        /* bumped when active_pairs is set */
+    uint32_t rx_mode;           /* bit n: VIRTIO_NET_CTRL_RX command n is on */
+    uint8_t mac[6];             /* VIRTIO_NET_CTRL_MAC_ADDR_SET */
+    uint8_t mac_set;
+};
+
+vhd_net_ctrl *vhd_net_ctrl_new(uint16_t max_pairs);
+void vhd_net_ctrl_free(vhd_net_ctrl *c);
+const struct vhd_net_ctrl_state *vhd_net_ctrl_state(const vhd_net_ctrl *c);
+int vhd_net_ctrl_run(vhd_net_ctrl *c, vhd_vring *vr);
+
 /* Device kinds a worker can run; the device object is passed as void *. */
 #define VHD_DEV_BLK 1
 #define VHD_DEV_BLK_URING 4
+#define VHD_DEV_NET_CTRL 5
 #define VHD_DEV_NET_RX 2
 #define VHD_DEV_NET_TX 3
 

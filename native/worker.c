@@ -49,6 +49,8 @@ int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
         return vhd_net_tx(dev, vr);
     case VHD_DEV_NET_RX:
         return vhd_net_rx(dev, vr);
+    case VHD_DEV_NET_CTRL:
+        return vhd_net_ctrl_run(dev, vr);
     default:
         return 0;
     }

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import vhostd_proc
-from vhostd.frontend import DriverRing, Frontend, GuestRam, NetDriver
+from vhostd.frontend import Buf, DriverRing, Frontend, GuestRam, NetDriver
 from vhostd.protocol.constants import ProtocolFeature, Request, VirtioFeature, bit
 from vhostd.protocol.messages import U64
 
@@ -209,4 +209,54 @@ def test_single_queue_persistent_tap_works_with_one_pair(tmp_path: Path, ns: Ns)
         assert out in frames_of(cap)
     finally:
         g.close()
+        v.stop()
+
+
+def _udp_frames(n: int) -> list[bytes]:
+    """n IPv4/UDP frames of different flows (the tap spreads flows over its queues)."""
+    frames = []
+    for i in range(n):
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0,
+                         bytes([10, 99, 0, 1]), bytes([10, 99, 0, 2]))
+        udp = struct.pack(">HHHH", 1000 + i * 7, 2000 + i, 8, 0)
+        frames.append(eth(GUEST_MAC, bytes.fromhex("020000000001"), 0x0800, ip + udp).ljust(60, b"\0"))
+    return frames
+
+
+def test_control_queue_mq_detaches_tap_queues_of_inactive_pairs(tmp_path: Path, ns: Ns) -> None:
+    v = start(tmp_path, ns, "--queue-pairs", "2")
+    fe = Frontend(str(v.socket))
+    fe.negotiate(RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(17) | bit(22), PROTO)
+    ram = GuestRam([8 << 20])
+    fe.set_mem_table(ram)
+    rings = [DriverRing(ram, i, 256) for i in range(5)]
+    for r in rings:
+        fe.start_ring(r)
+    rx = [NetDriver(rings[0], rings[1]), NetDriver(rings[2], rings[3])]
+
+    def spread() -> tuple[int, int]:
+        for d in rx:
+            d.post_rx(64)
+        for f in _udp_frames(32):
+            ns.run(sys.executable, PKTIO, "send", TAP, f.hex())
+        time.sleep(0.5)
+        return len(rx[0].rx.take_used()), len(rx[1].rx.take_used())
+
+    try:
+        before = spread()
+        assert before[1] > 0, f"with 2 pairs some flows use queue 1: {before}"
+        out = ram.alloc(4)
+        ram.write(out, bytes([4, 0]) + struct.pack("<H", 1))
+        ack = ram.alloc(1, 1)
+        rings[4].submit([Buf(out, 4), Buf(ack, 1, writable=True)])
+        rings[4].kick()
+        rings[4].wait_used(1)
+        assert ram.read(ack, 1) == b"\x00"
+        deadline = time.monotonic() + 5
+        while "guest set 1 active queue pair(s)" not in v.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = spread()
+        assert after[1] == 0 and after[0] >= 32, after
+    finally:
+        fe.close()
         v.stop()

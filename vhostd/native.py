@@ -14,7 +14,7 @@ from typing import Any
 
 from vhostd._native import ffi, lib
 
-__all__ = ["ffi", "lib", "MemTable", "NativeVring", "Worker", "NativeBlk", "NativeBlkQueue", "NativeNet",
+__all__ = ["ffi", "lib", "MemTable", "NativeVring", "Worker", "NativeBlk", "NativeBlkQueue", "NativeNet", "NativeNetCtrl",
            "NativeError", "SharedMapping", "inflight_queue_size", "VringStats", "NetStats", "RING_ERRORS"]
 
 MAX_MEM_REGIONS: int = lib.VHD_MAX_MEM_REGIONS
@@ -214,6 +214,10 @@ class NativeBlkQueue:
         self.ptr: Any = ptr
 
     @property
+    def in_flight(self) -> int:
+        return int(lib.vhd_blk_queue_inflight(self.ptr))
+
+    @property
     def completion_fd(self) -> int:
         return int(lib.vhd_blk_queue_fd(self.ptr))
 
@@ -221,6 +225,36 @@ class NativeBlkQueue:
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:
             lib.vhd_blk_queue_free(ptr)
+
+
+@dataclass(frozen=True)
+class NetCtrlState:
+    active_pairs: int
+    generation: int
+    rx_mode: int
+    mac: bytes | None
+
+
+class NativeNetCtrl:
+    """``vhd_net_ctrl``: the virtio-net control virtqueue handler."""
+
+    kind: int = lib.VHD_DEV_NET_CTRL
+
+    def __init__(self, max_pairs: int) -> None:
+        ptr = lib.vhd_net_ctrl_new(max_pairs)
+        if ptr == ffi.NULL:
+            raise NativeError(errno.ENOMEM, "vhd_net_ctrl_new")
+        self.ptr: Any = ptr
+
+    def state(self) -> NetCtrlState:
+        s = lib.vhd_net_ctrl_state(self.ptr)
+        return NetCtrlState(s.active_pairs, s.generation, s.rx_mode,
+                            bytes(s.mac) if s.mac_set else None)
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_net_ctrl_free(ptr)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ from vhostd.fds import OwnedFd, close_all
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -147,6 +150,19 @@ class Tap:
                 if e.errno != errno.EINVAL:
                     raise
         raise TapError(f"tap {self.name}: offloads {flags:#x} refused")
+
+    def set_active_queues(self, n: int) -> None:
+        """Detaches the queues of inactive pairs, so the kernel stops steering
+        frames to queues the guest no longer reads (MQ via the control queue)."""
+        if len(self.queues) < 2:
+            return
+        for i, q in enumerate(self.queues):
+            flags = IFF_ATTACH_QUEUE if i < n else IFF_DETACH_QUEUE
+            try:
+                fcntl.ioctl(q.fileno(), TUNSETQUEUE, struct.pack("16sH22x", b"", flags))
+            except OSError as e:
+                if e.errno != errno.EINVAL:   # already in that state
+                    raise TapError(f"tap {self.name}: queue {i}: {e.strerror}") from None
 
     def write_frame(self, frame: bytes, hdr_len: int) -> None:
         """Control-plane frames (RARP after migration), with an empty header."""

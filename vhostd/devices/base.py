@@ -100,6 +100,10 @@ class Device(abc.ABC):
     def on_features(self, features: int) -> None:
         """The front-end acknowledged these features (SET_FEATURES)."""
 
+    def on_event(self) -> None:
+        """A worker signalled the daemon (e.g. the guest changed its active
+        queue pairs through the control queue); apply what needs applying."""
+
     def on_disconnect(self) -> None:
         """The front-end went away; forget per-connection state."""
 

@@ -142,7 +142,8 @@ class BlkDevice(Device):
     def status(self) -> dict[str, Any]:
         return {"file": str(self.options.path), "capacity_bytes": self.capacity * SECTOR_SIZE,
                 "read_only": self.options.read_only, "aio": self.options.engine.value,
-                "direct": self.options.direct, "num_queues": self.num_queues}
+                "direct": self.options.direct, "num_queues": self.num_queues,
+                "in_flight": [q.in_flight for q in self.queues]}
 
     def queue_backend(self, index: int) -> QueueBackend:
         if self.queues:

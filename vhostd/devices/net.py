@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 import re
 import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from vhostd.backends.tap import (
+    TapError,
     TUN_F_CSUM,
     TUN_F_TSO4,
     TUN_F_TSO6,
@@ -35,10 +37,11 @@ from vhostd.devices.base import (
     QueueBackend,
     WorkerOptions,
 )
-from vhostd.native import NativeNet, lib
+from vhostd.native import NativeNet, NativeNetCtrl, lib
 from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit
 
 MAX_QUEUE_PAIRS = 8
+log = logging.getLogger("vhostd")
 MIN_MTU, MAX_MTU = 68, 65535
 
 
@@ -65,11 +68,16 @@ class NetFeature(enum.IntEnum):
     CTRL_MAC_ADDR = 23
 
 
+# MQ requires CTRL_VQ (virtio 1.2 5.1.3.1).  QEMU and DPDK's virtio-user keep
+# the control queue for themselves; another front-end may hand it over.
+# GUEST_ANNOUNCE is not offered: it needs config-change notifications
+# (BACKEND_REQ); QEMU then announces with VHOST_USER_SEND_RARP instead.
 OFFERED = (
     NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.MAC, NetFeature.MTU,
     NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_ECN, NetFeature.GUEST_UFO,
     NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.HOST_ECN, NetFeature.HOST_UFO,
-    NetFeature.MRG_RXBUF, NetFeature.STATUS, NetFeature.MQ,
+    NetFeature.MRG_RXBUF, NetFeature.STATUS, NetFeature.CTRL_VQ, NetFeature.CTRL_RX,
+    NetFeature.MQ, NetFeature.CTRL_MAC_ADDR,
 )
 # GUEST_* feature -> tap offload it allows on the receive path.
 RX_OFFLOADS = {
@@ -144,10 +152,17 @@ class NetDevice(Device):
             for p in self.pairs:
                 p.set_null_frame(frame.ljust(60, b"\0"))
         self.hdr_len = 12
+        self.negotiated = 0
+        self.ctrl = NativeNetCtrl(options.queue_pairs)
+        self._ctrl_generation = 0
 
     @property
     def num_queues(self) -> int:
-        return 2 * self.options.queue_pairs
+        return 2 * self.options.queue_pairs + 1   # + the control queue
+
+    def ctrl_index(self) -> int:
+        """The control queue follows the last queue pair (pair 0 without MQ)."""
+        return 2 * self.options.queue_pairs if self.negotiated & bit(NetFeature.MQ) else 2
 
     @property
     def queue_num(self) -> int:
@@ -172,6 +187,7 @@ class NetDevice(Device):
         def has(f: int) -> bool:
             return bool(features & bit(f))
 
+        self.negotiated = features
         mrg = has(NetFeature.MRG_RXBUF)
         self.hdr_len = 12 if has(VirtioFeature.VERSION_1) or mrg else 10
         tx_gso = 0
@@ -200,9 +216,29 @@ class NetDevice(Device):
             "link_up": self.tap.is_up() if self.tap else True,
             "mac": format_mac(self.mac),
             "queue_pairs": [asdict(p.stats()) for p in self.pairs],
+            "ctrl": asdict(self.ctrl.state()) | {"mac": None},
         }
 
+    def on_event(self) -> None:
+        st = self.ctrl.state()
+        if st.generation != self._ctrl_generation and self.tap is not None:
+            self._ctrl_generation = st.generation
+            try:
+                self.tap.set_active_queues(st.active_pairs)
+            except TapError as e:
+                log.warning("%s: %s", self.name, e)
+            log.info("%s: guest set %d active queue pair(s)", self.name, st.active_pairs)
+
+    def on_disconnect(self) -> None:
+        if self.tap is not None and self._ctrl_generation:
+            self.tap.set_active_queues(len(self.pairs))   # the next guest starts with all
+        self._ctrl_generation = 0
+
     def queue_backend(self, index: int) -> QueueBackend:
+        if self.negotiated & bit(NetFeature.CTRL_VQ) and index == self.ctrl_index():
+            return QueueBackend(NativeNetCtrl.kind, self.ctrl.ptr)
+        if index >= 2 * len(self.pairs):
+            raise DeviceError(f"ring {index} is not a queue of this device")
         pair = self.pairs[index // 2]
         if index % 2 == 0:
             return QueueBackend(NativeNet.RX, pair.ptr, pair.backend_fd)
@@ -233,5 +269,6 @@ class NetDevice(Device):
     def close(self) -> None:
         for pair in self.pairs:
             pair.close()
+        self.ctrl.close()
         if self.tap is not None:
             self.tap.close()

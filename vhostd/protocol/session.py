@@ -69,7 +69,8 @@ class Session:
         self.inflight: InflightBuffer | None = None
         self.closing = False
         self.closed = trio.Event()
-        # Workers signal this when the guest breaks a ring, so it gets logged.
+        # Workers signal this when the guest breaks a ring (logged) or changes
+        # device state the control plane applies (net control queue).
         self._broken = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self._handlers: dict[Request, Handler] = {
@@ -131,6 +132,7 @@ class Session:
         while True:
             await trio.lowlevel.wait_readable(self._broken.fileno())
             os.eventfd_read(self._broken.fileno())
+            self.device.on_event()
             for vr in self.vrings:
                 reason = vr.stats().broken_reason
                 if not reason:
