@@ -7,7 +7,13 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import os
+
 import pytest
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from netns import NetNs
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,3 +89,17 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
 @pytest.fixture
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     return daemon_factory()
+
+
+@pytest.fixture
+def ns() -> Iterator["NetNs"]:
+    """A fresh network namespace (root and /dev/net/tun needed: skipped
+    without them locally, a failure in CI)."""
+    from netns import netns, netns_available
+    reason = netns_available()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"network tests must run in CI: {reason}")
+        pytest.skip(reason)
+    with netns("t") as n:
+        yield n

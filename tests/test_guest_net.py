@@ -13,57 +13,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import guestvm
 import vhostd_proc
+from netns import NetNs
 
 pytestmark = [pytest.mark.guest, pytest.mark.root]
 
 HOST_IP, GUEST_IP = "10.99.0.1", "10.99.0.2"
 
 
-class Ns:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def ip(self, *args: str) -> None:
-        subprocess.run(["ip", "-n", self.name, *args], check=True)
-
-    def stat(self, dev: str, name: str) -> int:
-        out = subprocess.run(["ip", "netns", "exec", self.name, "cat", f"/sys/class/net/{dev}/statistics/{name}"],
-                             check=True, capture_output=True, text=True).stdout
-        return int(out)
-
-    def popen(self, *cmd: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def ns() -> Iterator[Ns]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        if os.environ.get("CI"):
-            pytest.fail("net guest tests need root and /dev/net/tun in CI")
-        pytest.skip("needs root and /dev/net/tun")
-    name = f"vhd-gnet-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        n = Ns(name)
-        n.ip("link", "set", "lo", "up")
-        yield n
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def start_net(tmp: Path, ns: Ns, *args: str, tap: str = "vtap0") -> vhostd_proc.Vhostd:
+def start_net(tmp: Path, ns: NetNs, *args: str, tap: str = "vtap0") -> vhostd_proc.Vhostd:
     sock = tmp / "net.sock"
     v = vhostd_proc.Vhostd(["net", "--socket-path", str(sock), "--tap", tap, *args], sock,
-                           tmp / "net.log", prefix=["ip", "netns", "exec", ns.name])
-    ns.ip("addr", "add", f"{HOST_IP}/24", "dev", tap)
+                           tmp / "net.log", prefix=ns.cmd([]))
+    ns.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap])
     return v
 
 
@@ -82,10 +49,11 @@ def _gbits(output: str, tag: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_guest_ping_iperf3_tso_and_two_queue_pairs(tmp_path: Path, ns: Ns) -> None:
+def test_guest_ping_iperf3_tso_and_two_queue_pairs(tmp_path: Path, ns: NetNs) -> None:
     guestvm.require_guest()
     v = start_net(tmp_path, ns, "--queue-pairs", "2")
-    server = ns.popen("iperf3", "-s", "-B", HOST_IP)
+    server = ns.popen(["iperf3", "-s", "-B", HOST_IP], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
     try:
         script = f"""
 set -e
@@ -97,7 +65,7 @@ taskset 1 ping -c 5 -i 0.2 {HOST_IP} >/dev/null & taskset 2 ping -c 5 -i 0.2 {HO
 echo TX-TEST; iperf3 -c {HOST_IP} -t 3 -f g
 echo RX-TEST; iperf3 -c {HOST_IP} -t 3 -R -P 2 -f g
 """
-        rx0, rxb0 = ns.stat("vtap0", "rx_packets"), ns.stat("vtap0", "rx_bytes")
+        rx0, rxb0 = ns.read_stat("vtap0", "rx_packets"), ns.read_stat("vtap0", "rx_bytes")
         res = guestvm.run_guest(script, net_args(v.socket, queues=2), smp=2, timeout=180)
         assert res.rc == 0, res.describe()
         out = res.output
@@ -106,8 +74,8 @@ echo RX-TEST; iperf3 -c {HOST_IP} -t 3 -R -P 2 -f g
         print(f"\nguest iperf3 through vhostd: guest->host {tx} Gbit/s, host->guest {rx} Gbit/s")
         assert tx > 0 and rx > 0, res.describe()
         # TSO: the tap received frames far larger than the 1500-byte MTU.
-        frames = ns.stat("vtap0", "rx_packets") - rx0
-        avg = (ns.stat("vtap0", "rx_bytes") - rxb0) / frames
+        frames = ns.read_stat("vtap0", "rx_packets") - rx0
+        avg = (ns.read_stat("vtap0", "rx_bytes") - rxb0) / frames
         assert avg > 3000, f"average frame from the guest {avg:.0f} B: TSO not used"
         assert v.alive()
     finally:
@@ -120,7 +88,7 @@ echo RX-TEST; iperf3 -c {HOST_IP} -t 3 -R -P 2 -f g
     assert stops.get(0, 0) + stops.get(2, 0) > 0, stops
 
 
-def test_guest_mtu_9000_jumbo_frames(tmp_path: Path, ns: Ns) -> None:
+def test_guest_mtu_9000_jumbo_frames(tmp_path: Path, ns: NetNs) -> None:
     guestvm.require_guest()
     v = start_net(tmp_path, ns, "--mtu", "9000")
     try:
@@ -130,28 +98,28 @@ set -e
 echo MTU $(cat /sys/class/net/eth0/mtu)
 ping -c 3 -W 5 -s 8000 {HOST_IP} | grep -q ' 0% packet loss' && echo JUMBO-PING-OK
 """
-        rx0, rxb0 = ns.stat("vtap0", "rx_packets"), ns.stat("vtap0", "rx_bytes")
+        rx0, rxb0 = ns.read_stat("vtap0", "rx_packets"), ns.read_stat("vtap0", "rx_bytes")
         res = guestvm.run_guest(script, net_args(v.socket, extra=",host_mtu=9000"), timeout=120)
         assert res.rc == 0, res.describe()
         assert "MTU 9000" in res.output and "JUMBO-PING-OK" in res.output, res.describe()
         # Unfragmented: the 8 KB echo requests reached the tap as single frames.
-        big = ns.stat("vtap0", "rx_bytes") - rxb0
-        frames = ns.stat("vtap0", "rx_packets") - rx0
+        big = ns.read_stat("vtap0", "rx_bytes") - rxb0
+        frames = ns.read_stat("vtap0", "rx_packets") - rx0
         assert big >= 3 * 8000 and frames < 3 * 6, (big, frames)
         assert "VHOST_USER_NET_SET_MTU U64(value=9000)" in v.log()
     finally:
         v.stop()
 
 
-def test_guest_traffic_resumes_after_vhostd_kill_9(tmp_path: Path, ns: Ns) -> None:
+def test_guest_traffic_resumes_after_vhostd_kill_9(tmp_path: Path, ns: NetNs) -> None:
     """A persistent tap (as libvirt makes) keeps its address across the
     restart; QEMU reconnects (reconnect=1) and the guest's ping resumes."""
     guestvm.require_guest()
-    ns.ip("tuntap", "add", "dev", "vtap0", "mode", "tap", "multi_queue")
-    ns.ip("addr", "add", f"{HOST_IP}/24", "dev", "vtap0")
+    ns.run(["ip", "tuntap", "add", "dev", "vtap0", "mode", "tap", "multi_queue"])
+    ns.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", "vtap0"])
     sock = tmp_path / "net.sock"
     args = ["net", "--socket-path", str(sock), "--tap", "vtap0"]
-    prefix = ["ip", "netns", "exec", ns.name]
+    prefix = ns.cmd([])
 
     def start() -> vhostd_proc.Vhostd:
         return vhostd_proc.Vhostd(args, sock, tmp_path / "net.log", prefix=prefix)

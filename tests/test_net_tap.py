@@ -9,12 +9,12 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import vhostd_proc
+from netns import NetNs
 from vhostd.frontend import Buf, DriverRing, Frontend, GuestRam, NetDriver
 from vhostd.protocol.constants import ProtocolFeature, Request, VirtioFeature, bit
 from vhostd.protocol.messages import U64
@@ -31,37 +31,10 @@ CSUM, GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, HOST_TSO4, MRG_RXBUF = 0, 1, 7, 8, 11,
 RING_FEATURES = bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES) | bit(VirtioFeature.RING_EVENT_IDX)
 
 
-class Ns:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def run(self, *cmd: str) -> str:
-        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], check=True,
-                              capture_output=True, text=True, timeout=30).stdout
-
-    def popen(self, *cmd: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-
-
-@pytest.fixture
-def ns() -> Iterator[Ns]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        if os.environ.get("CI"):
-            pytest.fail("tap tests need root and /dev/net/tun in CI")
-        pytest.skip("needs root and /dev/net/tun")
-    name = f"vhd-tap-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield Ns(name)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def start(tmp: Path, ns: Ns, *args: str) -> vhostd_proc.Vhostd:
+def start(tmp: Path, ns: NetNs, *args: str) -> vhostd_proc.Vhostd:
     sock = tmp / "net.sock"
     return vhostd_proc.Vhostd(["net", "--socket-path", str(sock), "--tap", TAP, *args], sock,
-                              tmp / "net.log", prefix=["ip", "netns", "exec", ns.name])
+                              tmp / "net.log", prefix=ns.cmd([]))
 
 
 class Guest:
@@ -82,8 +55,9 @@ class Guest:
         self.fe.close()
 
 
-def capture(ns: Ns, seconds: float, ethertype: str | None = None) -> subprocess.Popen[str]:
-    p = ns.popen(sys.executable, PKTIO, "capture", TAP, str(seconds), *([ethertype] if ethertype else []))
+def capture(ns: NetNs, seconds: float, ethertype: str | None = None) -> subprocess.Popen[str]:
+    p = ns.popen([sys.executable, PKTIO, "capture", TAP, str(seconds), *([ethertype] if ethertype else [])],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "READY"
     return p
 
@@ -98,7 +72,7 @@ def eth(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("version_1", [True, False], ids=["12-byte header", "legacy 10-byte header"])
-def test_frames_both_ways(tmp_path: Path, ns: Ns, version_1: bool) -> None:
+def test_frames_both_ways(tmp_path: Path, ns: NetNs, version_1: bool) -> None:
     v = start(tmp_path, ns)
     feats = RING_FEATURES | (bit(VirtioFeature.VERSION_1) if version_1 else 0)
     g = Guest(v.socket, feats)
@@ -112,7 +86,7 @@ def test_frames_both_ways(tmp_path: Path, ns: Ns, version_1: bool) -> None:
         # tap -> guest RX (plenty of buffers: the kernel's own IPv6 frames take some)
         g.net.post_rx(48)
         inject = eth(GUEST_MAC, bytes.fromhex("020000000001"), 0x88B5, b"vhostd-rx" + bytes(40))
-        ns.run(sys.executable, PKTIO, "send", TAP, inject.hex())
+        ns.run([sys.executable, PKTIO, "send", TAP, inject.hex()])
         # The kernel may send its own frames (IPv6 autoconf) out of the tap too.
         got = {}
         deadline = time.monotonic() + 5
@@ -127,12 +101,12 @@ def test_frames_both_ways(tmp_path: Path, ns: Ns, version_1: bool) -> None:
         v.stop()
 
 
-def _offloads(ns: Ns) -> dict[str, str]:
-    out = ns.run("ethtool", "-k", TAP)
+def _offloads(ns: NetNs) -> dict[str, str]:
+    out = ns.run(["ethtool", "-k", TAP]).stdout
     return {k.strip(): v.split()[0] for k, v in (l.split(":", 1) for l in out.splitlines() if ":" in l) if v.strip()}
 
 
-def test_tap_offloads_follow_negotiated_features(tmp_path: Path, ns: Ns) -> None:
+def test_tap_offloads_follow_negotiated_features(tmp_path: Path, ns: NetNs) -> None:
     v = start(tmp_path, ns)
     try:
         g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(CSUM)
@@ -148,7 +122,7 @@ def test_tap_offloads_follow_negotiated_features(tmp_path: Path, ns: Ns) -> None
         v.stop()
 
 
-def test_send_rarp_announces_the_mac_on_the_tap(tmp_path: Path, ns: Ns) -> None:
+def test_send_rarp_announces_the_mac_on_the_tap(tmp_path: Path, ns: NetNs) -> None:
     v = start(tmp_path, ns)
     g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
     try:
@@ -165,7 +139,7 @@ def test_send_rarp_announces_the_mac_on_the_tap(tmp_path: Path, ns: Ns) -> None:
         v.stop()
 
 
-def test_config_link_status_follows_the_tap_and_mac(tmp_path: Path, ns: Ns) -> None:
+def test_config_link_status_follows_the_tap_and_mac(tmp_path: Path, ns: NetNs) -> None:
     v = start(tmp_path, ns, "--mac", "52:54:00:aa:bb:cc", "--queue-pairs", "2")
     g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
     try:
@@ -173,32 +147,32 @@ def test_config_link_status_follows_the_tap_and_mac(tmp_path: Path, ns: Ns) -> N
         mac, status, pairs, mtu = struct.unpack("<6sHHH", cfg)
         assert (mac, status, pairs, mtu) == (GUEST_MAC, 1, 2, 1500)
         assert g.fe.get_u64(Request.GET_QUEUE_NUM) == 2
-        ns.run("ip", "link", "set", TAP, "down")
+        ns.run(["ip", "link", "set", TAP, "down"])
         assert struct.unpack("<6sH", g.fe.get_config(8))[1] == 0
     finally:
         g.close()
         v.stop()
 
 
-def test_created_tap_is_removed_and_attached_tap_is_kept(tmp_path: Path, ns: Ns) -> None:
+def test_created_tap_is_removed_and_attached_tap_is_kept(tmp_path: Path, ns: NetNs) -> None:
     def exists(name: str) -> bool:
-        return name in ns.run("ip", "-o", "link", "show")
+        return name in ns.run(["ip", "-o", "link", "show"]).stdout
 
     v = start(tmp_path, ns)
     assert exists(TAP)
     v.stop()
     assert not exists(TAP)
-    ns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap", "multi_queue")
-    ns.run("ip", "link", "add", "br0", "type", "bridge")
+    ns.run(["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "multi_queue"])
+    ns.run(["ip", "link", "add", "br0", "type", "bridge"])
     v = start(tmp_path, ns, "--bridge", "br0", "--mtu", "4000")
-    link = ns.run("ip", "-o", "link", "show", TAP)
+    link = ns.run(["ip", "-o", "link", "show", TAP]).stdout
     assert "master br0" in link and "mtu 4000" in link and ",UP" in link, link
     assert v.stop() == 0
     assert exists(TAP), "a tap vhostd attached to must be left in place"
 
 
-def test_single_queue_persistent_tap_works_with_one_pair(tmp_path: Path, ns: Ns) -> None:
-    ns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
+def test_single_queue_persistent_tap_works_with_one_pair(tmp_path: Path, ns: NetNs) -> None:
+    ns.run(["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])
     v = start(tmp_path, ns)
     g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
     try:
@@ -223,7 +197,7 @@ def _udp_frames(n: int) -> list[bytes]:
     return frames
 
 
-def test_control_queue_mq_detaches_tap_queues_of_inactive_pairs(tmp_path: Path, ns: Ns) -> None:
+def test_control_queue_mq_detaches_tap_queues_of_inactive_pairs(tmp_path: Path, ns: NetNs) -> None:
     v = start(tmp_path, ns, "--queue-pairs", "2")
     fe = Frontend(str(v.socket))
     fe.negotiate(RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(17) | bit(22), PROTO)
@@ -238,7 +212,7 @@ def test_control_queue_mq_detaches_tap_queues_of_inactive_pairs(tmp_path: Path, 
         for d in rx:
             d.post_rx(64)
         for f in _udp_frames(32):
-            ns.run(sys.executable, PKTIO, "send", TAP, f.hex())
+            ns.run([sys.executable, PKTIO, "send", TAP, f.hex()])
         time.sleep(0.5)
         return len(rx[0].rx.take_used()), len(rx[1].rx.take_used())
 
