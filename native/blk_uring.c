@@ -211,6 +211,11 @@ static int submit(vhd_blk_queue *q, vhd_vring *vr)
             continue;
         }
         s->done = 0;
+        if (s->req.len == 0 && s->req.op != VHD_BLK_OP_FLUSH) {
+            vhd_blk_complete(vr, &s->req, VIRTIO_BLK_S_OK);   /* nothing to move */
+            release(q, n);
+            continue;
+        }
         if (try_inline(q, vr, n))
             continue;
         prep(q, n);
@@ -225,7 +230,12 @@ int vhd_blk_queue_run(vhd_blk_queue *q, vhd_vring *vr)
 {
     eventfd_t v;
     (void)eventfd_read(q->efd, &v);
+    int done = 0;
     for (;;) {
+        if (vhd_vring_over_budget(vr, done)) {
+            vhd_vring_flush(vr);
+            return 0;
+        }
         vhd_vring_disable_notify(vr);
         int reaped = reap(q, vr);
         int queued = submit(q, vr);
@@ -236,6 +246,7 @@ int vhd_blk_queue_run(vhd_blk_queue *q, vhd_vring *vr)
         vhd_vring_flush(vr);
         if (queued < 0)
             return queued;
+        done += reaped + queued;
         if (reaped > 0 || queued > 0)
             continue;
         if (q->nfree == 0)

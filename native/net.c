@@ -243,7 +243,7 @@ static void tx_submit(vhd_net *net, vhd_vring *vr, int n)
     }
 }
 
-static int tx_batch(vhd_net *net, vhd_vring *vr, bool *more)
+static int tx_batch(vhd_net *net, vhd_vring *vr, bool *more, bool *broken)
 {
     struct tx_uring *u = net->tx;
     struct vhd_chain chain;
@@ -266,13 +266,15 @@ static int tx_batch(vhd_net *net, vhd_vring *vr, bool *more)
         s->head = chain.head;
         struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
         io_uring_prep_writev(sqe, net->fd, &u->iov[pool], (unsigned)niov, 0);
+        sqe->rw_flags = RWF_NOWAIT;   /* a full back-end drops the frame, as writev would */
         io_uring_sqe_set_data64(sqe, (uint64_t)n);
         pool += (size_t)niov;
         n++;
     }
     tx_submit(net, vr, n);
     *more = n == TX_URING_BATCH;
-    return rc < 0 ? rc : handled;
+    *broken = rc < 0;
+    return handled;
 }
 
 int vhd_net_tx(vhd_net *net, vhd_vring *vr)
@@ -281,14 +283,16 @@ int vhd_net_tx(vhd_net *net, vhd_vring *vr)
         return vhd_vring_drain(vr, tx_handler, net, NET_BATCH);
     int total = 0;
     for (;;) {
-        vhd_vring_disable_notify(vr);
-        bool more;
-        int rc = tx_batch(net, vr, &more);
-        vhd_vring_flush(vr);
-        if (rc < 0)
+        if (vhd_vring_over_budget(vr, total))
             return total;
-        total += rc;
-        if (more || rc > 0)
+        vhd_vring_disable_notify(vr);
+        bool more, broken;
+        int handled = tx_batch(net, vr, &more, &broken);
+        vhd_vring_flush(vr);
+        total += handled;
+        if (broken)
+            return total;
+        if (more || handled > 0)
             continue;
         if (!vhd_vring_enable_notify(vr))
             return total;
@@ -354,17 +358,29 @@ static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
     int rc = pop_rx(net, vr, c, net->hdr_len);
     if (rc != VHD_POP_OK)
         return rc == VHD_POP_EMPTY ? VHD_RX_STARVED : rc;
-    struct iovec iov[VHD_MAX_IOV + 1];
-    memcpy(iov, &c->iov[c->n_out], (size_t)c->n_in * sizeof(struct iovec));
-    iov[c->n_in].iov_base = net->bounce;
-    iov[c->n_in].iov_len = RX_BOUNCE_SIZE;
+    /* readv takes at most IOV_MAX (1024) iovecs and one is the bounce
+     * buffer: a chain with more segments receives into its first 1023. */
+    int nseg = c->n_in < VHD_MAX_IOV - 1 ? c->n_in : VHD_MAX_IOV - 1;
+    size_t cap = 0;
+    struct iovec iov[VHD_MAX_IOV];
+    for (int i = 0; i < nseg; i++) {
+        iov[i] = c->iov[c->n_out + i];
+        cap += iov[i].iov_len;
+    }
+    iov[nseg].iov_base = net->bounce;
+    iov[nseg].iov_len = RX_BOUNCE_SIZE;
     ssize_t r;
     if (net->fd < 0) {
-        r = null_readv(net, iov, c->n_in + 1);
+        r = null_readv(net, iov, nseg + 1);
     } else {
         do {
-            r = readv(net->fd, iov, c->n_in + 1);
+            r = readv(net->fd, iov, nseg + 1);
         } while (r < 0 && errno == EINTR);
+    }
+    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        net->stats.rx_bad_desc++;     /* cannot receive into it: give it back empty */
+        vhd_vring_push(vr, c->head, 0);
+        return 1;
     }
     if (r <= 0) {
         vhd_vring_unpop(vr, 1);   /* nothing to deliver: the chain stays the guest's */
@@ -372,19 +388,26 @@ static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
     }
     size_t len = (size_t)r;
     uint16_t nbuf = 1;
-    if (len > c->in_len) {
+    if (len > cap) {
         enum { MAX_MERGE = 64 };
         uint16_t heads[MAX_MERGE];
         uint32_t lens[MAX_MERGE];
         int extra = 0;
         if (!net->mrg_rxbuf ||
-            !rx_merge(vr, net->bounce, len - c->in_len, heads, lens, MAX_MERGE, &extra)) {
+            !rx_merge(vr, net->bounce, len - cap, heads, lens, MAX_MERGE, &extra)) {
+            net->stats.rx_dropped++;
+            if (net->fd < 0) {
+                /* The null back-end would generate the same frame again:
+                 * consume the buffer it does not fit instead. */
+                vhd_vring_unpop(vr, (uint16_t)extra);
+                vhd_vring_push(vr, c->head, 0);
+                return 1;
+            }
             /* Not enough buffers for this frame: drop it, keep the chains. */
             vhd_vring_unpop(vr, (uint16_t)(1 + extra));
-            net->stats.rx_dropped++;
             return 1;
         }
-        vhd_vring_push(vr, c->head, c->in_len);
+        vhd_vring_push(vr, c->head, (uint32_t)cap);
         for (int i = 0; i < extra; i++)
             vhd_vring_push(vr, heads[i], lens[i]);
         nbuf = (uint16_t)(1 + extra);
@@ -404,12 +427,18 @@ static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
 int vhd_net_rx(vhd_net *net, vhd_vring *vr)
 {
     struct vhd_chain chain;
+    int total = 0;
     for (;;) {
+        if (vhd_vring_over_budget(vr, total)) {
+            vhd_vring_flush(vr);
+            return VHD_RX_IDLE;
+        }
         vhd_vring_disable_notify(vr);
         int batch = 0;
         int rc = 1;
         while (batch < NET_BATCH && (rc = rx_one(net, vr, &chain)) == 1)
             batch++;
+        total += batch;
         vhd_vring_flush(vr);
         if (rc < 0)
             return rc;

@@ -100,6 +100,7 @@ struct vhd_vring {
     uint16_t *resubmit;        /* heads to hand out again before new avail entries */
     uint32_t n_resubmit;
     uint32_t resubmit_pos;
+    bool more;                 /* a drain stopped at its budget: run again */
     struct vhd_vring_stats stats;
 };
 
@@ -120,6 +121,7 @@ static inline void vhd_store16(uint16_t *p, uint16_t v)
  * notifies once per batch of at most batch_max chains; returns chains handled. */
 typedef void (*vhd_chain_handler)(void *ctx, vhd_vring *vr, struct vhd_chain *c);
 int vhd_vring_drain(vhd_vring *vr, vhd_chain_handler handler, void *ctx, int batch_max);
+bool vhd_vring_over_budget(vhd_vring *vr, int done);
 
 /* blk.c: shared by the sync and io_uring engines. */
 #define VIRTIO_BLK_S_OK 0

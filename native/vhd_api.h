@@ -25,6 +25,7 @@
 #define VHD_ERR_ORDER -7        /* device-readable after device-writable */
 #define VHD_ERR_IOV -8          /* more segments than VHD_MAX_IOV */
 #define VHD_ERR_LEN -9          /* chain's total length does not fit 32 bits */
+#define VHD_ERR_LAYOUT -10      /* used ring laid over the avail ring or descriptors */
 
 /* Guest memory: an immutable translation table once handed to workers.
  * Changing memory means building a new table, stopping the workers,
@@ -99,7 +100,9 @@ typedef struct vhd_vring vhd_vring;
 vhd_vring *vhd_vring_new(void);
 void vhd_vring_free(vhd_vring *vr);
 /* Validates and translates the ring addresses against mem (which must stay
- * alive while the ring is used).  Returns 0 or -EINVAL/-EFAULT. */
+ * alive while the ring is used).  Returns 0 or -EINVAL/-EFAULT.  A used
+ * ring laid over the avail ring or the descriptors leaves the ring broken
+ * (VHD_ERR_LAYOUT): the device's own writes would feed it work forever. */
 int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem,
                     const struct vhd_vring_config *cfg);
 int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *chain);
@@ -111,6 +114,8 @@ void vhd_vring_flush(vhd_vring *vr);
 void vhd_vring_disable_notify(vhd_vring *vr);
 /* Re-enables kicks; returns 1 if buffers arrived meanwhile (lost-wake-up check). */
 int vhd_vring_enable_notify(vhd_vring *vr);
+/* True (and cleared) if the last processing call stopped at its budget. */
+int vhd_vring_take_more(vhd_vring *vr);
 /* Marks the ring broken with reason and signals err_fd (NEEDS_RESET). */
 void vhd_vring_set_broken(vhd_vring *vr, int reason);
 /* True if the driver made buffers available that were not popped yet. */

@@ -102,6 +102,11 @@ static int inflight_setup(vhd_vring *vr, struct vhd_inflight_region *reg)
     return 0;
 }
 
+static bool overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+    return a < b + blen && b < a + alen;
+}
+
 static bool aligned(const void *p, uintptr_t a)
 {
     return ((uintptr_t)p & (a - 1)) == 0;
@@ -120,6 +125,11 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
         return -EFAULT;
     if (!aligned(desc, 16) || !aligned(avail, 2) || !aligned(used, 4))
         return -EINVAL;
+    /* The device writes the used ring: laid over the avail ring or the
+     * descriptors it would feed itself new work forever. */
+    uint64_t dsz = 16 * n, asz = 6 + 2 * n, usz = 6 + 8 * n;
+    bool bad_layout = overlap(cfg->used_uva, usz, cfg->avail_uva, asz) ||
+                      overlap(cfg->used_uva, usz, cfg->desc_uva, dsz);
     /* Counters survive a re-setup (memory table swap); a broken mark does
      * not: the front-end re-initialised the ring. */
     struct vhd_vring_stats stats = vr->stats;
@@ -142,6 +152,10 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     vr->call_fd = cfg->call_fd;
     vr->err_fd = cfg->err_fd;
     vr->broken_fd = cfg->broken_fd;
+    if (bad_layout) {
+        vhd_vring_set_broken(vr, VHD_ERR_LAYOUT);   /* the guest's doing: NEEDS_RESET, not a protocol error */
+        return 0;
+    }
     if (cfg->inflight)
         return inflight_setup(vr, cfg->inflight);
     return 0;
@@ -313,8 +327,13 @@ void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len)
     __atomic_store_n(&e->id, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n(&e->len, len, __ATOMIC_RELAXED);
     vr->used_idx++;
-    if (vr->inflight)
+    if (vr->inflight) {
+        /* Resubmitted chains plus a full ring of new ones can exceed the
+         * list between two flushes: publish early rather than overflow. */
+        if (vr->n_unpublished == vr->num)
+            vhd_vring_flush(vr);
         vr->unpublished[vr->n_unpublished++] = head;
+    }
 }
 
 /* After used->idx covers them, the heads are no longer in flight. */
@@ -394,6 +413,18 @@ int vhd_vring_enable_notify(vhd_vring *vr)
     return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
 }
 
+/* A busy (or hostile) driver can keep a drain loop going forever; the
+ * worker must still see its stop request.  After this many chains in one
+ * call the loop returns with vr->more set, and the worker comes back to
+ * it after checking for stop (without sleeping). */
+bool vhd_vring_over_budget(vhd_vring *vr, int done)
+{
+    if ((uint32_t)done < 4 * vr->num)
+        return false;
+    vr->more = true;
+    return true;
+}
+
 int vhd_vring_avail_pending(const vhd_vring *vr)
 {
     return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
@@ -419,6 +450,8 @@ int vhd_vring_drain(vhd_vring *vr, vhd_chain_handler handler, void *ctx, int bat
     struct vhd_chain chain;
     int total = 0;
     for (;;) {
+        if (vhd_vring_over_budget(vr, total))
+            return total;
         vhd_vring_disable_notify(vr);
         int batch = 0;
         int rc = VHD_POP_OK;
@@ -435,4 +468,11 @@ int vhd_vring_drain(vhd_vring *vr, vhd_chain_handler handler, void *ctx, int bat
         if (!vhd_vring_enable_notify(vr))
             return total;   /* idle until the next kick (lost-wake-up checked) */
     }
+}
+
+int vhd_vring_take_more(vhd_vring *vr)
+{
+    bool more = vr->more;
+    vr->more = false;
+    return more;
 }

@@ -147,9 +147,11 @@ static void *worker_main(void *arg)
     /* Kicks that came while the ring was stopped or disabled are not lost:
      * the ring is always looked at once when the worker starts. */
     run_and_poll(w);
-    int timeout = w->kick_fd < 0 ? VHD_POLL_INTERVAL_MS : -1;
+    int idle_timeout = w->kick_fd < 0 ? VHD_POLL_INTERVAL_MS : -1;
     for (;;) {
         struct epoll_event ev[3];
+        /* Work left over from a budget-limited call: only check for stop. */
+        int timeout = vhd_vring_take_more(w->vr) ? 0 : idle_timeout;
         int n = epoll_wait(w->epoll_fd, ev, 3, timeout);
         if (n < 0 && errno != EINTR) {
             quiesce(w);

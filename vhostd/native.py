@@ -32,6 +32,7 @@ RING_ERRORS: dict[int, str] = {
     lib.VHD_ERR_ORDER: "device-readable descriptor after a device-writable one",
     lib.VHD_ERR_IOV: "chain has too many segments",
     lib.VHD_ERR_LEN: "chain length does not fit 32 bits",
+    lib.VHD_ERR_LAYOUT: "used ring overlaps the avail ring or the descriptor table",
 }
 
 

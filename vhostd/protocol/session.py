@@ -201,6 +201,10 @@ class Session:
         if vr.running or not vr.can_run(self.mem):
             return
         assert self.mem is not None
+        if self.inflight is not None and vr.index < self.inflight.num_queues \
+                and vr.num > self.inflight.queue_size:
+            raise ProtocolError(None, f"ring {vr.index}: size {vr.num} exceeds the inflight buffer's "
+                                      f"queue size {self.inflight.queue_size}")
         resubmitted = vr.stats().resubmitted
         try:
             vr.start(self.mem, self.device.queue_backend(vr.index),
