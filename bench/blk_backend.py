@@ -54,7 +54,8 @@ def build_blkfe(cache_dir: Path = DEFAULT_CACHE) -> Path:
     (parallel tests) each rename a complete file into place.
     """
     cc = os.environ.get("CC", "cc")
-    digest = hashlib.sha256(BLKFE_SOURCE.read_bytes() + " ".join((cc, *CFLAGS)).encode())
+    digest = hashlib.sha256(BLKFE_SOURCE.read_bytes() + (PACKAGE_DIR / "vu_client.h").read_bytes()
+                            + " ".join((cc, *CFLAGS)).encode())
     exe = cache_dir / f"blkfe-{digest.hexdigest()[:16]}"
     if exe.exists():
         return exe

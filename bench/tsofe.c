@@ -41,6 +41,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define PROG "tsofe"
+#include "vu_client.h"
+
 /* --- numbers from the specs ------------------------------------------------------------- */
 
 enum vu_request {
@@ -59,20 +62,11 @@ enum vu_request {
     VU_SET_VRING_ENABLE = 18,
 };
 
-#define VU_FLAG_VERSION 0x1u
-#define VU_FLAG_REPLY 0x4u
-#define VU_FLAG_NEED_REPLY 0x8u
 
 #define F_NET_CSUM 0
 #define F_NET_HOST_TSO4 11
-#define F_RING_EVENT_IDX 29
-#define F_PROTOCOL_FEATURES 30
-#define F_VERSION_1 32
-#define PF_REPLY_ACK 3
 #define BIT(n) (1ull << (n))
 
-#define VRING_AVAIL_F_NO_INTERRUPT 1
-#define VRING_USED_F_NO_NOTIFY 1
 
 #define NET_HDR_F_NEEDS_CSUM 1
 #define NET_HDR_GSO_TCPV4 1
@@ -83,8 +77,6 @@ enum vu_request {
 #define RX_RING 0
 #define TX_RING 1
 
-#define EXIT_SETUP 2
-#define EXIT_BACKEND 3
 
 struct virtio_net_hdr_v1 {
     uint8_t flags;
@@ -96,127 +88,10 @@ struct virtio_net_hdr_v1 {
     uint16_t num_buffers;
 };
 
-struct vring_desc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-};
-
-struct vring_avail {
-    uint16_t flags;
-    uint16_t idx;
-    uint16_t ring[];           /* then used_event (EVENT_IDX) */
-};
-
-struct vring_used_elem {
-    uint32_t id;
-    uint32_t len;
-};
-
-struct vring_used {
-    uint16_t flags;
-    uint16_t idx;
-    struct vring_used_elem ring[];   /* then avail_event (EVENT_IDX) */
-};
-
 /* --- small helpers ---------------------------------------------------------------------- */
 
-static void die(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
-static void die(int code, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("tsofe: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    exit(code);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t align_up(uint64_t x, uint64_t a)
-{
-    return (x + a - 1) & ~(a - 1);
-}
-
 /* virtio 1.2, 2.7.10.2: notify iff new_idx passed event_idx since old_idx. */
-static bool vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
-{
-    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
-}
-
 /* --- vhost-user connection -------------------------------------------------------------- */
-
-struct vu_hdr {
-    uint32_t request, flags, size;
-};
-
-struct vu_state {
-    uint32_t index, num;
-};
-
-struct vu_addr {
-    uint32_t index, flags;
-    uint64_t desc, used, avail, log;
-};
-
-struct vu_mem {
-    uint32_t nregions, padding;
-    uint64_t gpa, size, uva, mmap_offset;   /* one region */
-};
-
-struct vu_conn {
-    int sock;
-    uint64_t features, protocol;   /* acked */
-};
-
-static void vu_send(struct vu_conn *c, uint32_t req, bool need_reply, const void *payload,
-                    uint32_t size, int fd)
-{
-    struct vu_hdr h = { req, VU_FLAG_VERSION | (need_reply ? VU_FLAG_NEED_REPLY : 0), size };
-    struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)payload, size } };
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } ctl;
-    struct msghdr m = { .msg_iov = iov, .msg_iovlen = size ? 2 : 1 };
-    if (fd >= 0) {
-        memset(&ctl, 0, sizeof(ctl));
-        m.msg_control = ctl.buf;
-        m.msg_controllen = sizeof(ctl.buf);
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-    }
-    ssize_t n;
-    do
-        n = sendmsg(c->sock, &m, MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
-    if (n != (ssize_t)(sizeof(h) + size))
-        die(EXIT_BACKEND, "sending request %u: %s", req, n < 0 ? strerror(errno) : "short write");
-}
-
-static void recv_exact(int sock, void *buf, size_t len)
-{
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = recv(sock, (char *)buf + got, len - got, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            die(EXIT_BACKEND, "back-end %s", n == 0 ? "closed the connection" : strerror(errno));
-        got += (size_t)n;
-    }
-}
 
 static uint64_t vu_recv_u64(struct vu_conn *c, uint32_t req)
 {
@@ -232,7 +107,7 @@ static uint64_t vu_recv_u64(struct vu_conn *c, uint32_t req)
 
 static uint64_t vu_get_u64(struct vu_conn *c, uint32_t req)
 {
-    vu_send(c, req, false, NULL, 0, -1);
+    vu_send(c, req, false, NULL, 0, NULL, 0);
     return vu_recv_u64(c, req);
 }
 
@@ -241,20 +116,9 @@ static void vu_request(struct vu_conn *c, uint32_t req, const void *payload, uin
                        int fd, bool ack)
 {
     ack = ack && (c->protocol & BIT(PF_REPLY_ACK));
-    vu_send(c, req, ack, payload, size, fd);
+    vu_send(c, req, ack, payload, size, &fd, fd >= 0);
     if (ack && vu_recv_u64(c, req) != 0)
         die(EXIT_BACKEND, "back-end refused request %u", req);
-}
-
-static void vu_connect(struct vu_conn *c, const char *path)
-{
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    if (strlen(path) >= sizeof(sa.sun_path))
-        die(EXIT_SETUP, "socket path too long: %s", path);
-    strcpy(sa.sun_path, path);
-    c->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (c->sock < 0 || connect(c->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0)
-        die(EXIT_SETUP, "connect %s: %s", path, strerror(errno));
 }
 
 /* QEMU's order: features, protocol features, owner, then SET_FEATURES with what we use. */
@@ -612,8 +476,8 @@ static void setup(struct run *r)
                                              r->frame_len, 0, 0 };
         ring_add(&r->tx, (uint16_t)i);
     }
-    struct vu_mem m = { .nregions = 1, .gpa = GPA_BASE, .size = r->ram.size,
-                        .uva = (uint64_t)(uintptr_t)r->ram.base };
+    struct vu_mem m = { .nregions = 1, .region = { { .gpa = GPA_BASE, .size = r->ram.size,
+                                                     .uva = (uint64_t)(uintptr_t)r->ram.base } } };
     vu_request(&r->conn, VU_SET_MEM_TABLE, &m, sizeof(m), r->ram.fd, true);
     vu_start_ring(&r->conn, &r->rx);
     vu_start_ring(&r->conn, &r->tx);
