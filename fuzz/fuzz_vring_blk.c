@@ -167,7 +167,7 @@ static struct outcome run(const struct blk_input *bi, int uring, int disk, const
             int rc = vhd_process_ring(vr, VHD_DEV_BLK_URING, uring_q[bi->readonly]);
             vhd_blk_queue_drain(uring_q[bi->readonly], vr);
             CHECK(rc <= 0, "vhd_blk_queue_run returned %d", rc);
-            if (rc < 0 || vhd_vring_stats(vr)->broken || !vhd_vring_avail_pending(vr))
+            if (rc < 0 || vhd_vring_stats(vr)->broken || !vhd_vring_pending(vr))
                 break;
         }
     }

@@ -7,6 +7,9 @@
 #   fuzz/run.sh --repro                 run every reproducer in fuzz/repro/
 #                                       once, known-bug workarounds off
 #
+# FUZZ_SEED=N makes the mutation sequence repeatable (libFuzzer -seed=N;
+# unset or 0: a random seed, printed in the log).
+#
 # Each target starts from its seed corpus (fuzz/corpus/TARGET, read only)
 # and keeps what it finds in fuzz/build/corpus/TARGET.  A crash, sanitizer
 # report, timeout or broken invariant stops that target; the input is saved
@@ -54,7 +57,7 @@ for t in "${targets[@]}"; do
     start=$(date +%s)
     ./build/"$t" build/corpus/"$t" corpus/"$t" \
         -max_total_time="$SECONDS_EACH" -timeout=10 -max_len=16384 -rss_limit_mb=4096 \
-        -artifact_prefix=build/artifacts/"$t"- -print_final_stats=1 >"$log" 2>&1
+        -artifact_prefix=build/artifacts/"$t"- -print_final_stats=1 -seed="${FUZZ_SEED:-0}" >"$log" 2>&1
     rc=$?
     elapsed=$(( $(date +%s) - start ))
     runs=$(sed -n 's/^Done \([0-9]*\) runs.*/\1/p' "$log" | tail -1)

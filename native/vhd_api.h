@@ -118,8 +118,9 @@ int vhd_vring_enable_notify(vhd_vring *vr);
 int vhd_vring_take_more(vhd_vring *vr);
 /* Marks the ring broken with reason and signals err_fd (NEEDS_RESET). */
 void vhd_vring_set_broken(vhd_vring *vr, int reason);
-/* True if the driver made buffers available that were not popped yet. */
-int vhd_vring_avail_pending(const vhd_vring *vr);
+/* True if chains wait to be popped: in-flight requests of a previous
+ * back-end still to resubmit, or buffers the driver made available. */
+int vhd_vring_pending(const vhd_vring *vr);
 uint16_t vhd_vring_last_avail_idx(const vhd_vring *vr);
 uint16_t vhd_vring_used_idx(const vhd_vring *vr);
 const struct vhd_vring_stats *vhd_vring_stats(const vhd_vring *vr);

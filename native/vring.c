@@ -425,9 +425,12 @@ bool vhd_vring_over_budget(vhd_vring *vr, int done)
     return true;
 }
 
-int vhd_vring_avail_pending(const vhd_vring *vr)
+int vhd_vring_pending(const vhd_vring *vr)
 {
-    return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
+    /* Resubmits count: a back-end whose slots were full when it stopped
+     * must come back for them even if the driver adds nothing new. */
+    return vr->resubmit_pos < vr->n_resubmit ||
+           __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
 }
 
 uint16_t vhd_vring_last_avail_idx(const vhd_vring *vr)

@@ -106,14 +106,14 @@ static bool has_work(vhd_worker *w)
 {
     switch (w->dev_kind) {
     case VHD_DEV_BLK_URING:
-        return vhd_vring_avail_pending(w->vr) || vhd_blk_queue_completions(w->dev);
+        return vhd_vring_pending(w->vr) || vhd_blk_queue_completions(w->dev);
     case VHD_DEV_NET_RX: {
         /* Frames waiting in the tap (the null back-end always has one). */
         struct pollfd p = { .fd = w->backend_fd, .events = POLLIN };
         return w->backend_fd < 0 || poll(&p, 1, 0) > 0;
     }
     default:
-        return vhd_vring_avail_pending(w->vr);
+        return vhd_vring_pending(w->vr);
     }
 }
 

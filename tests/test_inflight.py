@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import vhostd_proc
+from vhd_helpers import SECTOR, Rig
+from vhostd._native import ffi, lib
 from vhostd.frontend import Buf, DriverRing, Frontend, GuestRam
 from vhostd.native import inflight_queue_size
 from vhostd.protocol.constants import ProtocolFeature, Request, VirtioFeature, bit
@@ -118,3 +120,30 @@ def test_restarted_backend_resubmits_in_flight_requests_once(tmp_path: Path, don
     assert used_idx == 3
     assert all(DESC.unpack_from(region, REGION_HDR.size + 16 * i)[0] == 0 for i in range(NUM))
     os.close(fd)
+
+
+def test_resubmits_are_pending_work_until_popped(tmp_path: Path) -> None:
+    """A back-end whose slots fill up with resubmitted requests comes back for
+    the rest because the ring still reports work, though the driver added
+    nothing new (found by fuzz_vring_blk where io_uring completes late)."""
+    rig = Rig(tmp_path, num=NUM)
+    try:
+        reqs = [rig.write_req(i, bytes([0xB0 + i]) * SECTOR, indirect=True) for i in range(12)]
+        region = ffi.new("uint8_t[]", inflight_queue_size(NUM))
+        REGION_HDR.pack_into(ffi.buffer(region), 0, 0, 1, NUM, 0, 0)
+        for counter, req in enumerate(reqs, 1):
+            DESC.pack_into(ffi.buffer(region), REGION_HDR.size + 16 * req.head, 1, 0, counter)
+        rig.vring.setup(rig.mem, num=NUM, desc=rig.ram.gpa_to_uva(rig.ring.desc),
+                        avail=rig.ram.gpa_to_uva(rig.ring.avail), used=rig.ram.gpa_to_uva(rig.ring.used),
+                        last_avail_idx=0, event_idx=False, indirect=True, call_fd=rig.ring.call_fd,
+                        err_fd=rig.ring.err_fd, inflight=region)
+        assert rig.vring.last_avail_idx == 12   # every avail entry was popped before the restart
+        assert lib.vhd_vring_pending(rig.vring.ptr) == 1
+        for _ in range(11):
+            assert rig.pop() == lib.VHD_POP_OK
+            assert lib.vhd_vring_pending(rig.vring.ptr) == 1
+        assert rig.pop() == lib.VHD_POP_OK
+        assert lib.vhd_vring_pending(rig.vring.ptr) == 0
+        assert rig.pop() == lib.VHD_POP_EMPTY
+    finally:
+        rig.close()
