@@ -1,24 +1,29 @@
 """net-rx: guest RX, tap -> back-end -> front-end, without a VM.
 
-Frames are injected into the tap from inside our namespace (tapbound.c `inject`: AF_PACKET,
-sendmmsg, qdisc bypassed), the back-end (CPU 0) reads them and places them in the RX ring of
-DPDK's virtio_user front-end (dpdk-testpmd rxonly), whose port counter RX-packets is read at
-the edges of a fixed window after a warm-up.  Back-ends: `vhostd net` and the anchor, DPDK's
-net_tap bridged to net_vhost by testpmd io forwarding.  Runs interleave: vhostd, dpdk, ...
+Frames are injected into the tap from inside our namespace, the back-end (CPU 0) reads them
+and places them in the RX ring of DPDK's virtio_user front-end (dpdk-testpmd rxonly), whose
+port counter RX-packets is read at the edges of a fixed window after a warm-up.  Back-ends:
+`vhostd net` and the anchor, DPDK's net_tap bridged to net_vhost by testpmd io forwarding.
+The tap-read bound is tapbound.c reading the same injected frames from a tap on CPU 0 into
+one cache-hot buffer: one read() per frame and nothing else, the floor of any back-end that
+reads a tap frame by frame (both of these do).  Runs interleave: vhostd, dpdk, bound, ...
 
-Where the injector runs: CPU 0 belongs to the back-end (the thing measured), so the injector
-goes on CPU 1 with the front-end.  Putting it on CPU 0 would measure how the back-end and the
-injector split one core.  On CPU 1 the front-end busy-polls and would take half of it; but
-rxonly needs only tens of ns per frame, while the injector needs ~1 us (as much as a
-back-end), so the front-end runs at nice 5 (--frontend-nice): the injector gets ~3/4 of CPU
-1, the front-end ~1/4, and the large ring (--queue-size 8192) holds the frames that come
-while it waits for its turn.  Measured on an idle 2-core machine: at nice 0 the injector
-offers only ~0.53 Mpps (it, not the back-end, sets the pace), at nice 10 the front-end falls
-behind (DPDK drops 3/4 for lack of guest buffers), at nice 5 ~0.7 Mpps offered.  That is
-still below what one core of back-end takes at 64 B (~0.8-0.9 Mpps), so a rate ratio near 1
-says vhostd keeps pace; vhostd's CPU per frame (`vhostd_us_per_frame`) is its cost (DPDK
-polls: its CPU is ~100% whatever it moves), and `injector_bound_runs` / `dpdk_ring_full_pct`
-say who set the pace.
+The injector (tapbound.c) must outrun the back-end, or the run measures the injector.  CPU 0
+belongs to the back-end, so the injector shares CPU 1 with the front-end.  The default,
+`inject-gso`, sends one 64-segment UDP GSO packet per syscall through AF_PACKET; the kernel
+cuts it into frames of the asked size on their way into the tap.  That offers ~2.5 Mpps of
+64 B frames from one core (quiet machine), more than either back-end reads, so the tap's
+queue stays full and the back-end sets the pace: `tap_dropped_pct` > 0 shows it.  The older
+`--injector sendmmsg` (one frame per message, qdisc bypassed) offers only ~0.7 Mpps with the
+front-end beside it, below what one core of back-end takes.
+
+The front-end busy-polls; it runs at nice 5 (--frontend-nice) so the injector keeps most of
+CPU 1, and the large ring (--queue-size 8192) holds the frames that arrive while it waits for
+its turn.  The two take turns on CPU 1 in slices of milliseconds, so frames arrive in bursts:
+the tap's queue is raised from 1000 to 16384 frames (--tap-queue) to hold a slice's worth,
+or the back-end would idle between bursts while the tap drops frames during them.  vhostd's CPU per frame (`vhostd_us_per_frame`) is its cost (DPDK polls: its CPU is
+~100% whatever it moves), and `dpdk_ring_full_pct` says how often the front-end, not DPDK,
+was short of buffers.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from bench import _net as net
 from bench._net import ANCHOR, TAP, VHOSTD, NetNs
 
 INJECTOR_CPU = net.FRONTEND_CPU
+BOUND = "tapbound"
+INJECT_MODE = {"gso": "inject-gso", "sendmmsg": "inject"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "less (default 64,1518)")
     p.add_argument("--queue-size", type=int, default=8192,
                    help="virtio_user ring size (default 8192; see the module doc)")
+    p.add_argument("--injector", choices=["gso", "sendmmsg"], default="gso",
+                   help="how frames enter the tap: gso (UDP GSO, the kernel segments; default) "
+                        "or sendmmsg (one frame per message; slower than the back-ends)")
+    p.add_argument("--tap-queue", type=int, default=16384,
+                   help="the tap's queue length (txqueuelen), for both back-ends (default 16384; "
+                        "see the module doc)")
     p.add_argument("--frontend-nice", type=int, default=5,
                    help="nice value of the front-end, which shares CPU 1 with the injector "
                         "(default 5; see the module doc)")
@@ -81,10 +94,11 @@ def run_backend(backend: str, size: int, binary: Path, ns: NetNs, workdir: Path,
         with net.frontend(sock, "rxonly", workdir / f"frontend-{tag}.log", args.queue_size,
                           nice=args.frontend_nice) as fe:
             fe.command("start")
+            ns.run(["ip", "link", "set", TAP, "txqueuelen", str(args.tap_queue)])
             # The injector outlives the window by a second, so traffic never stops inside it.
             duration = args.warmup + args.seconds + 1
             injector = subprocess.Popen(
-                net.tapbound_argv(ns, binary, INJECTOR_CPU, "inject", TAP, duration,
+                net.tapbound_argv(ns, binary, INJECTOR_CPU, INJECT_MODE[args.injector], TAP, duration,
                                   net.carried(size)),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             time.sleep(args.warmup)
@@ -118,16 +132,65 @@ def run_backend(backend: str, size: int, binary: Path, ns: NetNs, workdir: Path,
         # (for DPDK, which polls, only while it is saturated).
         "cpu_us_per_frame": (c1 - c0) / frames * 1e6,
         "offered_mpps": sent["attempts_per_s"] / 1e6,
-        # No frame refused by a full tap queue: the injector, not the back-end, set the pace
-        # and the run measured nothing about the back-end's limit.
-        "injector_bound": sent["errors"] < 0.01 * (sent["frames"] + sent["errors"]),
+        # No frame refused or dropped by a full tap queue: the injector, not the back-end, set
+        # the pace and the run measured nothing about the back-end's limit.
+        "injector_bound": sent["errors"] + s1["tx_dropped"] - s0["tx_dropped"]
+        < 0.01 * (sent["frames"] + sent["errors"]),
         # Read from the tap by the back-end, and dropped by the tap because nobody read them.
         "tap_tx_mpps": (s1["tx_packets"] - s0["tx_packets"]) / window / 1e6,
         "tap_tx_dropped": s1["tx_dropped"] - s0["tx_dropped"],
+        "tap_dropped_pct": 100 * (s1["tx_dropped"] - s0["tx_dropped"])
+        / max(1, s1["tx_dropped"] - s0["tx_dropped"] + s1["tx_packets"] - s0["tx_packets"]),
         "frontend_rx_missed": p1["rx_missed"] - p0["rx_missed"],
         # Time the back-end was runnable but another process had CPU 0.
         "be_wait_pct": 100 * (w1 - w0) / window,
         "guest_ring_full_pct": ring_full_pct(a0, a1),
+    }
+
+
+def run_bound(binary: Path, size: int, ns: NetNs, args: argparse.Namespace, rnd: int) -> Row:
+    """tapbound `read` on CPU 0 (it creates the tap), fed by the same injector on CPU 1."""
+    duration = args.warmup + args.seconds + 1
+    reader = subprocess.Popen(
+        net.tapbound_argv(ns, binary, net.BACKEND_CPU, "read", TAP, duration + 1, 64),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    injector: subprocess.Popen[str] | None = None
+    try:
+        deadline = time.monotonic() + 5
+        while ns.run(["ip", "link", "show", TAP], check=False).returncode != 0:
+            if time.monotonic() > deadline or reader.poll() is not None:
+                raise BenchError(f"tapbound read did not create {TAP}")
+            time.sleep(0.05)
+        ns.run(["ip", "link", "set", TAP, "txqueuelen", str(args.tap_queue)])
+        injector = subprocess.Popen(
+            net.tapbound_argv(ns, binary, INJECTOR_CPU, INJECT_MODE[args.injector], TAP, duration,
+                              net.carried(size)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(args.warmup)
+        s0, t0 = net.tap_counters(ns, TAP)
+        time.sleep(args.seconds)
+        s1, t1 = net.tap_counters(ns, TAP)
+        injector.communicate(timeout=duration + 30)
+        reader.communicate(timeout=duration + 30)
+    finally:
+        for p in (injector, reader):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    frames = s1["tx_packets"] - s0["tx_packets"]
+    window = t1 - t0
+    dropped = s1["tx_dropped"] - s0["tx_dropped"]
+    return {
+        "backend": BOUND, "size": size, "round": rnd,
+        "mpps": frames / window / 1e6,
+        "gbps": (s1["tx_bytes"] - s0["tx_bytes"]) * 8 / window / 1e9,
+        "frames": frames,
+        "window_s": window,
+        # It spins on an empty tap too: its CPU is 100%, its cost per frame 1/rate.
+        "cpu_pct": 100.0,
+        "cpu_us_per_frame": window / frames * 1e6 if frames else None,
+        "tap_dropped_pct": 100 * dropped / max(1, dropped + frames),
+        "injector_bound": dropped < 0.01 * (dropped + frames),
     }
 
 
@@ -143,18 +206,26 @@ def summarize(runs: list[Row], sizes: list[int]) -> list[Row]:
             "dpdk_mpps": med("mpps", ANCHOR),
             "vhostd_vs_dpdk": net.median_or_none(
                 net.ratio_by_round(runs, "mpps", VHOSTD, ANCHOR, size=size)),
+            "bound_mpps": med("mpps", BOUND),
+            "vhostd_vs_bound": net.median_or_none(
+                net.ratio_by_round(runs, "mpps", VHOSTD, BOUND, size=size)),
+            "dpdk_vs_bound": net.median_or_none(
+                net.ratio_by_round(runs, "mpps", ANCHOR, BOUND, size=size)),
             "vhostd_gbps": med("gbps", VHOSTD),
             "dpdk_gbps": med("gbps", ANCHOR),
             "offered_mpps": net.median_or_none(
-                [r["offered_mpps"] for r in runs if r["size"] == size]),
+                [r["offered_mpps"] for r in runs if r["size"] == size and r["backend"] != BOUND]),
             "vhostd_cpu_pct": med("cpu_pct", VHOSTD),
             "dpdk_cpu_pct": med("cpu_pct", ANCHOR),
             "vhostd_us_per_frame": med("cpu_us_per_frame", VHOSTD),
             "dpdk_us_per_frame": med("cpu_us_per_frame", ANCHOR),
+            "bound_us_per_frame": med("cpu_us_per_frame", BOUND),
             # Runs where no frame was refused at the tap measured the injector, not a back-end.
             "be_wait_pct": net.median_or_none(
-                [r["be_wait_pct"] for r in runs if r["size"] == size]),
+                [r["be_wait_pct"] for r in runs if r["size"] == size and r["backend"] != BOUND]),
             "dpdk_ring_full_pct": med("guest_ring_full_pct", ANCHOR),
+            "vhostd_tap_dropped_pct": med("tap_dropped_pct", VHOSTD),
+            "dpdk_tap_dropped_pct": med("tap_dropped_pct", ANCHOR),
             "injector_bound_runs": sum(r["injector_bound"] for r in runs if r["size"] == size),
             "per_run": [r for r in runs if r["size"] == size],
         })
@@ -177,6 +248,10 @@ def run(args: argparse.Namespace) -> list[Row]:
                         runs.append(r)
                         progress(f"  {r['mpps']:.3f} Mpps (offered {r['offered_mpps']:.3f}), "
                                  f"CPU {r['cpu_pct']:.0f}%")
+                    progress(f"net-rx round {rnd}/{args.rounds}: {BOUND} {size} B")
+                    r = run_bound(binary, size, ns, args, rnd)
+                    runs.append(r)
+                    progress(f"  {r['mpps']:.3f} Mpps")
         return summarize(runs, sizes)
     finally:
         if args.workdir is None:
@@ -186,7 +261,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 BENCHMARK = Benchmark(
     name="net-rx",
     help="guest RX from a tap, DPDK virtio_user front-end: vhostd vs DPDK net_tap+net_vhost "
-         "(Mpps, Gbit/s)",
+         "and the tap-read bound (Mpps, Gbit/s, CPU per frame)",
     run=run,
     add_arguments=add_arguments,
     unavailable=net.unavailable,

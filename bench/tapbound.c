@@ -2,17 +2,29 @@
  *
  *   tapbound write  IFNAME SECONDS [SIZE]   create tap IFNAME (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR,
  *                                           12-byte header) and writev() [hdr][frame] into it
+ *   tapbound read   IFNAME SECONDS          create tap IFNAME as `write` does (plus TUN_F_CSUM, as
+ *                                           a back-end with checksum offload sets) and read() it
+ *                                           into one cache-hot buffer until SECONDS pass
  *   tapbound inject IFNAME SECONDS [SIZE]   send frames out of an existing interface IFNAME
  *                                           through AF_PACKET (sendmmsg, qdisc bypassed)
+ *   tapbound inject-gso IFNAME SECONDS [SIZE]
+ *                                           the same frames as UDP/IPv4 datagrams, 64 per send:
+ *                                           one UDP GSO packet that the kernel segments on its
+ *                                           way into IFNAME (needs IFNAME without USO offload,
+ *                                           true of every tap vhostd or DPDK opens)
  *
  * `write` is the ceiling of any vhost-user net back-end's guest-TX path that writes one frame
  * per syscall into a tap: the same writev a back-end does (a header copy plus the frame), with
- * nothing else.  `inject` feeds a tap from the host side for guest-RX benchmarks.  Both run
+ * nothing else.  `read` is the matching ceiling of guest RX: one read per frame and nothing
+ * else (no guest memory, no ring); frames= counts what it read, and its cpu= divided by that
+ * is the kernel's price per frame (it spins on an empty tap, so cpu is ~seconds).  `inject` feeds a tap from the host side for guest-RX benchmarks.  Both run
  * flat out for SECONDS and print one line: "frames=N errors=E seconds=S fps=F cpu=C" (fps =
  * frames the kernel took per second, C = CPU seconds used).  inject: each error is one frame
  * a full tap queue refused (the back-end reading the tap is slower than us) and then offered
  * again, so frames+errors is what was offered; no errors means the injector, not the
- * back-end, set the pace.
+ * back-end, set the pace.  inject-gso costs the sender a fraction of a syscall per frame, so
+ * it outruns any single-core reader: frames the tap could not queue are not errors here but
+ * the tap's tx_dropped counter.
  *
  * Run it inside the network namespace that should hold the tap, pinned with taskset. */
 #define _GNU_SOURCE
@@ -23,6 +35,7 @@
 #include <linux/if_ether.h>
 #include <linux/if_packet.h>
 #include <linux/if_tun.h>
+#include <linux/virtio_net.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -134,6 +147,30 @@ static void run_write(const char *ifname, double seconds, size_t size)
     close(fd);
 }
 
+static void run_read(const char *ifname, double seconds)
+{
+    int fd = open_tap(ifname);
+    unsigned offload = TUN_F_CSUM;
+    if (ioctl(fd, TUNSETOFFLOAD, offload) < 0)
+        die("TUNSETOFFLOAD");
+    if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0)
+        die("O_NONBLOCK");
+    static uint8_t buf[VNET_HDR_LEN + 65536] __attribute__((aligned(64)));
+    unsigned long long frames = 0, empty = 0;
+    double start = now(), end = start + seconds, t = start;
+    while (t < end) {
+        for (int i = 0; i < CLOCK_EVERY; i++) {
+            if (read(fd, buf, sizeof(buf)) > 0)
+                frames++;
+            else
+                empty++;
+        }
+        t = now();
+    }
+    report(frames, empty, t - start);
+    close(fd);
+}
+
 static void run_inject(const char *ifname, double seconds, size_t size)
 {
     int s = socket(AF_PACKET, SOCK_RAW, 0);   /* protocol 0: send only, receive nothing */
@@ -183,10 +220,100 @@ static void run_inject(const char *ifname, double seconds, size_t size)
     close(s);
 }
 
+#define GSO_SEGMENTS 64          /* the kernel's UDP_MAX_SEGMENTS on 5.x */
+#define UDP_GSO_TYPE 5           /* VIRTIO_NET_HDR_GSO_UDP_L4 (not in older uapi headers) */
+#define FRAME_HDRS (ETH_HLEN + 20 + 8)
+
+static uint16_t ip_checksum(const uint8_t *h, size_t len)
+{
+    uint32_t sum = 0;
+    for (size_t i = 0; i < len; i += 2)
+        sum += (uint32_t)(h[i] << 8 | h[i + 1]);
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+/* [virtio_net_hdr][Ethernet][IPv4][UDP][segments x payload]: a datagram of `segs` payloads
+ * of size - FRAME_HDRS bytes each, which the kernel cuts into `segs` frames of `size`. */
+static size_t build_gso_packet(uint8_t *pkt, size_t size, unsigned segs)
+{
+    struct virtio_net_hdr *h = (struct virtio_net_hdr *)pkt;
+    uint8_t *f = pkt + sizeof(*h);
+    size_t payload = size - FRAME_HDRS, ip_len = 20 + 8 + payload * segs;
+    fill_frame(f, FRAME_HDRS);
+    f[12] = 0x08;                      /* IPv4 */
+    f[13] = 0x00;
+    uint8_t *ip = f + ETH_HLEN, *udp = ip + 20;
+    ip[0] = 0x45;
+    ip[2] = (uint8_t)(ip_len >> 8);
+    ip[3] = (uint8_t)ip_len;
+    ip[8] = 64;                        /* TTL */
+    ip[9] = 17;                        /* UDP */
+    memcpy(ip + 12, (uint8_t[]){ 198, 18, 0, 1, 198, 18, 0, 2 }, 8);   /* RFC 2544 range */
+    uint16_t c = ip_checksum(ip, 20);
+    ip[10] = (uint8_t)(c >> 8);
+    ip[11] = (uint8_t)c;
+    udp[0] = 0x30, udp[1] = 0x39, udp[2] = 0x30, udp[3] = 0x3a;   /* ports 12345 -> 12346 */
+    udp[4] = (uint8_t)((8 + payload * segs) >> 8);
+    udp[5] = (uint8_t)(8 + payload * segs);
+    /* The checksum is the kernel's to finish per segment (NEEDS_CSUM); the tap either takes
+     * it partial (TUN_F_CSUM) or has the kernel complete it. */
+    *h = (struct virtio_net_hdr){ .flags = VIRTIO_NET_HDR_F_NEEDS_CSUM, .gso_type = UDP_GSO_TYPE,
+                                  .hdr_len = FRAME_HDRS, .gso_size = (uint16_t)payload,
+                                  .csum_start = ETH_HLEN + 20, .csum_offset = 6 };
+    return sizeof(*h) + ETH_HLEN + ip_len;
+}
+
+static void run_inject_gso(const char *ifname, double seconds, size_t size)
+{
+    if (size <= FRAME_HDRS) {
+        fprintf(stderr, "inject-gso: SIZE must exceed %d (Ethernet + IPv4 + UDP)\n", FRAME_HDRS);
+        exit(2);
+    }
+    unsigned segs = GSO_SEGMENTS;
+    while ((size - FRAME_HDRS) * segs + 28 > 65535)
+        segs--;
+    int s = socket(AF_PACKET, SOCK_RAW, 0);
+    if (s < 0)
+        die("socket(AF_PACKET)");
+    int one = 1;
+    /* No PACKET_QDISC_BYPASS: the direct path refuses GSO packets the device cannot take,
+     * where the normal path segments them. */
+    if (setsockopt(s, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one)) < 0)
+        die("PACKET_VNET_HDR");
+    struct ifreq ifr = { 0 };
+    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+    if (ioctl(s, SIOCGIFINDEX, &ifr) < 0)
+        die("SIOCGIFINDEX");
+    struct sockaddr_ll addr = { .sll_family = AF_PACKET, .sll_ifindex = ifr.ifr_ifindex,
+                                .sll_protocol = htons(ETH_P_IP), .sll_halen = 6 };
+    if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) < 0)
+        die("bind");
+    static uint8_t pkt[sizeof(struct virtio_net_hdr) + 65536];
+    size_t len = build_gso_packet(pkt, size, segs);
+    unsigned long long frames = 0, errors = 0;
+    double start = now(), end = start + seconds, t = start;
+    while (t < end) {
+        for (int i = 0; i < CLOCK_EVERY / GSO_SEGMENTS; i++) {
+            if (send(s, pkt, len, 0) < 0) {
+                if (errno != ENOBUFS && errno != EAGAIN && errno != EINTR)
+                    die("send");
+                errors += segs;
+            } else {
+                frames += segs;
+            }
+        }
+        t = now();
+    }
+    report(frames, errors, t - start);
+    close(s);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 4 || argc > 5) {
-        fprintf(stderr, "usage: %s write|inject IFNAME SECONDS [SIZE]\n", argv[0]);
+        fprintf(stderr, "usage: %s write|read|inject|inject-gso IFNAME SECONDS [SIZE]\n", argv[0]);
         return 2;
     }
     double seconds = atof(argv[3]);
@@ -199,8 +326,12 @@ int main(int argc, char **argv)
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (strcmp(argv[1], "write") == 0)
         run_write(argv[2], seconds, (size_t)size);
+    else if (strcmp(argv[1], "read") == 0)
+        run_read(argv[2], seconds);
     else if (strcmp(argv[1], "inject") == 0)
         run_inject(argv[2], seconds, (size_t)size);
+    else if (strcmp(argv[1], "inject-gso") == 0)
+        run_inject_gso(argv[2], seconds, (size_t)size);
     else {
         fprintf(stderr, "%s: unknown mode %s\n", argv[0], argv[1]);
         return 2;
