@@ -216,8 +216,10 @@ static int submit(vhd_blk_queue *q, vhd_vring *vr)
             release(q, n);
             continue;
         }
-        if (try_inline(q, vr, n))
+        if (try_inline(q, vr, n)) {
+            vhd_vring_flush_if_big(vr);
             continue;
+        }
         prep(q, n);
         queued++;
     }

@@ -86,6 +86,7 @@ struct vhd_vring {
     uint16_t last_avail_idx;   /* next avail entry to pop */
     uint16_t used_idx;         /* shadow of used->idx including unpublished pushes */
     uint16_t published_idx;    /* last value stored to used->idx */
+    uint64_t published_bytes;  /* stats.bytes_read + bytes_written at the last flush */
     uint16_t signalled_used;   /* used->idx at the last notification check */
     bool signalled_used_valid;
     bool event_idx;
@@ -121,6 +122,10 @@ static inline void vhd_store16(uint16_t *p, uint16_t v)
  * notifies once per batch of at most batch_max chains; returns chains handled. */
 typedef void (*vhd_chain_handler)(void *ctx, vhd_vring *vr, struct vhd_chain *c);
 int vhd_vring_drain(vhd_vring *vr, vhd_chain_handler handler, void *ctx, int batch_max);
+/* Publishes what was pushed once VHD_FLUSH_BYTES of data moved since the
+ * last flush: a batch of large requests handled inline must not hold back
+ * the first completions until the last is done. */
+void vhd_vring_flush_if_big(vhd_vring *vr);
 bool vhd_vring_over_budget(vhd_vring *vr, int done);
 
 /* blk.c: shared by the sync and io_uring engines. */

@@ -36,6 +36,7 @@ struct vhd_worker {
 static void blk_handler(void *blk, vhd_vring *vr, struct vhd_chain *c)
 {
     vhd_blk_handle(blk, vr, c);
+    vhd_vring_flush_if_big(vr);
 }
 
 int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
