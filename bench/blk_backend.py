@@ -187,6 +187,8 @@ BACKENDS: dict[str, Callable[[Path, Path, int], list[str]]] = {
     "qsd-io_uring": _qsd(",aio=io_uring"),
     # Not run by default.  vhostd's one-request-at-a-time engine, for comparison:
     "vhostd-sync": _vhostd("--aio", "sync"),
+    # Bounded busy-poll after each burst (lower latency at low queue depth).
+    "vhostd-poll50": _vhostd("--poll-us", "50"),
     # O_DIRECT (QEMU's cache=none): the disk itself, no page cache; compare these among
     # themselves (--backends vhostd-direct,qsd-direct,... --images disk).
     "vhostd-direct": _vhostd("--direct"),

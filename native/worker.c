@@ -118,6 +118,12 @@ static bool has_work(vhd_worker *w)
     }
 }
 
+/* Between two looks at the ring: 16 pauses, ~0.3-0.8 us on current x86.
+ * Looking more often made --poll-us 50 slower than no polling against a
+ * busy-polling front-end (net-null guest TX 12.0 vs 16.4 Mpps; 4 pauses:
+ * 15.9 vs 17.9; 16: 17.7 vs 17.5), for under 1 us of added latency. */
+#define POLL_PAUSES 16
+
 static bool poll_for_work(vhd_worker *w)
 {
     uint64_t deadline = now_ns() + w->poll_ns;
@@ -125,7 +131,10 @@ static bool poll_for_work(vhd_worker *w)
     do {
         if (has_work(w))
             return true;
-        __builtin_ia32_pause();
+        /* Each look pulls the avail index's cache line away from the
+         * driver, who writes it. */
+        for (int i = 0; i < POLL_PAUSES; i++)
+            __builtin_ia32_pause();
     } while (now_ns() < deadline);
     return vhd_vring_enable_notify(w->vr) != 0;
 }
