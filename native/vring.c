@@ -324,17 +324,19 @@ int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *c)
 
 void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len)
 {
+    /* Resubmitted chains plus a full ring of new ones can exceed the list
+     * between two flushes: publish what came before this head rather than
+     * overflow.  (Before it: a flush after it would clear the marks of the
+     * heads listed so far but not of this one, and leave it marked in
+     * flight though published.) */
+    if (vr->inflight && vr->n_unpublished == vr->num)
+        vhd_vring_flush(vr);
     struct vring_used_elem *e = &vr->used->ring[vr->used_idx & vr->mask];
     __atomic_store_n(&e->id, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n(&e->len, len, __ATOMIC_RELAXED);
     vr->used_idx++;
-    if (vr->inflight) {
-        /* Resubmitted chains plus a full ring of new ones can exceed the
-         * list between two flushes: publish early rather than overflow. */
-        if (vr->n_unpublished == vr->num)
-            vhd_vring_flush(vr);
+    if (vr->inflight)
         vr->unpublished[vr->n_unpublished++] = head;
-    }
 }
 
 /* After used->idx covers them, the heads are no longer in flight. */

@@ -147,3 +147,37 @@ def test_resubmits_are_pending_work_until_popped(tmp_path: Path) -> None:
         assert rig.pop() == lib.VHD_POP_EMPTY
     finally:
         rig.close()
+
+
+def test_more_completions_than_ring_entries_between_flushes_clear_every_mark(tmp_path: Path) -> None:
+    """Two resubmitted requests plus three new avail entries (the guest lists
+    one head twice) are five completions in one batch on a ring of four: the
+    list of unpublished heads is published early, and no head stays marked
+    in flight once the used index covers it (found by fuzz_vring_blk)."""
+    num = 4
+    rig = Rig(tmp_path, num=num)
+    try:
+        heads = []
+        for i in range(num):
+            h = rig.header(1, i)
+            data = rig.alloc(bytes([0xC0 + i]) * SECTOR, 512)
+            heads.append(rig.ring.add_chain([Buf(h, 16), Buf(data, SECTOR), Buf(rig.status(), 1, writable=True)],
+                                            indirect=True))
+        a, b, c, d = heads
+        for head in (d, b, a, a, c):     # d and b were popped by the back-end that died
+            rig.ring.push_avail(head)
+        region = ffi.new("uint8_t[]", inflight_queue_size(num))
+        REGION_HDR.pack_into(ffi.buffer(region), 0, 0, 1, num, 0, 0)
+        for counter, head in ((10, d), (11, b)):
+            DESC.pack_into(ffi.buffer(region), REGION_HDR.size + 16 * head, 1, 0, counter)
+        rig.vring.setup(rig.mem, num=num, desc=rig.ram.gpa_to_uva(rig.ring.desc),
+                        avail=rig.ram.gpa_to_uva(rig.ring.avail), used=rig.ram.gpa_to_uva(rig.ring.used),
+                        last_avail_idx=0, event_idx=False, indirect=True, call_fd=rig.ring.call_fd,
+                        err_fd=rig.ring.err_fd, inflight=region)
+        assert rig.process() == 5
+        assert rig.vring.used_idx == 5   # (the used ring of 4 wrapped: the guest's doing)
+        _, _, _, _, used_idx = REGION_HDR.unpack_from(ffi.buffer(region))
+        assert used_idx == 5
+        assert [DESC.unpack_from(ffi.buffer(region), REGION_HDR.size + 16 * i)[0] for i in range(num)] == [0] * num
+    finally:
+        rig.close()
