@@ -33,7 +33,7 @@ if [ "${1:-}" = "--repro" ]; then
             if VHD_FUZZ_STRICT=1 timeout 60 ./build/"$t" -timeout=20 "$f" >build/repro.log 2>&1; then
                 echo "$f: ok"
             else
-                echo "$f: FAILS: $(grep -m1 -E '==FUZZ INVARIANT==|ERROR: (AddressSanitizer|libFuzzer|UndefinedBehaviorSanitizer)|runtime error' build/repro.log)"
+                echo "$f: FAILS: $(grep -a -m1 -E '==FUZZ INVARIANT==|ERROR: (AddressSanitizer|libFuzzer|UndefinedBehaviorSanitizer)|runtime error' build/repro.log)"
                 status=1
             fi
         done
@@ -64,7 +64,7 @@ for t in "${targets[@]}"; do
     [ -n "$runs" ] || runs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\)/\1/p' "$log" | tail -1)
     echo "$t: ${runs:-0} runs in $elapsed s, exit $rc (log: fuzz/$log)"
     if [ $rc -ne 0 ]; then
-        grep -m3 -E '==FUZZ INVARIANT==|ERROR: (AddressSanitizer|libFuzzer|UndefinedBehaviorSanitizer)|runtime error|SUMMARY|Test unit written' "$log" | sed 's/^/    /'
+        grep -a -m3 -E '==FUZZ INVARIANT==|ERROR: (AddressSanitizer|libFuzzer|UndefinedBehaviorSanitizer)|runtime error|SUMMARY|Test unit written' "$log" | sed 's/^/    /'
         status=1
     fi
 done
