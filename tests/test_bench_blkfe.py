@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
 
 from bench import BenchError, Process  # noqa: E402
 from bench.blk_backend import BACKENDS, Frontend, Workload, build_blkfe  # noqa: E402
+from unavailable import missing
 
 IMAGE_SIZE = 32 << 20
 SECTOR = 512
@@ -37,9 +38,7 @@ GOLDEN = 0x9E3779B97F4A7C15
 @pytest.fixture(scope="module")
 def blkfe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which(os.environ.get("CC", "cc")) is None:
-        if os.environ.get("CI"):
-            pytest.fail("no C compiler in CI")
-        pytest.skip("no C compiler (cc)")
+        missing("no C compiler (cc)")
     try:
         return build_blkfe(tmp_path_factory.mktemp("blkfe"))
     except BenchError as e:
@@ -102,9 +101,7 @@ def test_verify_on_vhostd_two_queues(blkfe: Path, tmp_path: Path) -> None:
 
 def test_verify_on_qemu_storage_daemon_two_queues(blkfe: Path, tmp_path: Path) -> None:
     if shutil.which("qemu-storage-daemon") is None:
-        if os.environ.get("CI"):
-            pytest.fail("qemu-storage-daemon must be installed in CI (qemu-system-common)")
-        pytest.skip("qemu-storage-daemon not installed")
+        missing("qemu-storage-daemon not installed (qemu-system-common)")
     image = vhostd_proc.sparse_image(tmp_path / "disk.img", IMAGE_SIZE)
     sock = tmp_path / "qsd.sock"
     with Process(BACKENDS["qsd"](image, sock, 2), tmp_path / "qsd.log", socket=sock) as qsd:

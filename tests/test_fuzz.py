@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from unavailable import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
@@ -62,9 +63,7 @@ def toolchain_problem() -> str | None:
 def built() -> Path:
     problem = toolchain_problem()
     if problem:
-        if os.environ.get("CI"):
-            pytest.fail(problem)
-        pytest.skip(problem)
+        missing(problem)
     r = subprocess.run(["make", "-C", str(FUZZ), "-s", "-j2", "all"], capture_output=True, text=True)
     assert r.returncode == 0, f"building the fuzzers failed:\n{r.stdout}\n{r.stderr}"
     return BUILD

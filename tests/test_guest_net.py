@@ -7,11 +7,9 @@ driver starts: the device gets vectors=0 (legacy INTx), see README."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

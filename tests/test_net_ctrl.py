@@ -6,11 +6,9 @@ queue pairs reach the tap.  Driven by the Python front-end."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ follow negotiation, RARP, link status, attach vs create, bridge."""
 
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import sys

@@ -10,7 +10,6 @@ import random
 import signal
 import stat
 import struct
-import threading
 import time
 from pathlib import Path
 

@@ -1,0 +1,16 @@
+"""The one rule for a test whose peer or tool is missing: skipped on a
+developer's machine, a failure in CI (``CI`` set), where ``.ci/run``
+installs everything the suite needs."""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import pytest
+
+
+def missing(reason: str) -> NoReturn:
+    if os.environ.get("CI"):
+        pytest.fail(f"must run in CI, but: {reason}")
+    pytest.skip(reason)
