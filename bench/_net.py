@@ -37,6 +37,7 @@ __all__ = ["NetNs", "netns", "netns_available"]
 
 VHOSTD, ANCHOR = "vhostd", "dpdk"
 BACKENDS = (VHOSTD, ANCHOR)
+BOUND = "tapbound"   # the one-frame-per-syscall tap bound (bench/tapbound.c) in net-tx and net-rx
 BACKEND_CPU, FRONTEND_CPU = 0, 1
 TAP = "nbtap0"
 TESTPMD = "dpdk-testpmd"
@@ -444,6 +445,37 @@ def median_of(runs: list[Row], key: str, backend: str, **match: object) -> float
     values = [r[key] for r in runs if r["backend"] == backend and r.get(key) is not None
               and all(r.get(k) == v for k, v in match.items())]
     return statistics.median(values) if values else None
+
+
+def rate_columns(runs: list[Row], size: int) -> Row:
+    """The columns net-tx and net-rx share at one frame size: rate, Gbit/s, CPU and CPU per
+    frame of each back-end and of the tap bound, with same-round ratios."""
+    def med(key: str, backend: str) -> float | None:
+        return median_of(runs, key, backend, size=size)
+
+    def ratio(num: str, den: str) -> float | None:
+        return median_or_none(ratio_by_round(runs, "mpps", num, den, size=size))
+
+    return {
+        "vhostd_mpps": med("mpps", VHOSTD),
+        "dpdk_mpps": med("mpps", ANCHOR),
+        "vhostd_vs_dpdk": ratio(VHOSTD, ANCHOR),
+        "vhostd_gbps": med("gbps", VHOSTD),
+        "dpdk_gbps": med("gbps", ANCHOR),
+        "bound_mpps": med("mpps", BOUND),
+        "vhostd_vs_bound": ratio(VHOSTD, BOUND),
+        "dpdk_vs_bound": ratio(ANCHOR, BOUND),
+        "vhostd_cpu_pct": med("cpu_pct", VHOSTD),
+        "dpdk_cpu_pct": med("cpu_pct", ANCHOR),
+        "vhostd_us_per_frame": med("cpu_us_per_frame", VHOSTD),
+        "dpdk_us_per_frame": med("cpu_us_per_frame", ANCHOR),
+        "bound_us_per_frame": med("cpu_us_per_frame", BOUND),
+    }
+
+
+def backends_median(runs: list[Row], key: str, size: int) -> float | None:
+    """Median of `key` over the back-ends' runs (not the bound's) at one frame size."""
+    return median_or_none([r[key] for r in runs if r["size"] == size and r["backend"] != BOUND])
 
 
 def median_or_none(values: list[float]) -> float | None:

@@ -37,10 +37,9 @@ from pathlib import Path
 
 from bench import Benchmark, BenchError, Row, progress
 from bench import _net as net
-from bench._net import ANCHOR, TAP, VHOSTD, NetNs
+from bench._net import ANCHOR, BOUND, TAP, VHOSTD, NetNs
 
 INJECTOR_CPU = net.FRONTEND_CPU
-BOUND = "tapbound"
 INJECT_MODE = {"gso": "inject-gso", "sendmmsg": "inject"}
 
 
@@ -202,30 +201,14 @@ def summarize(runs: list[Row], sizes: list[int]) -> list[Row]:
 
         rows.append({
             "size_B": size,
-            "vhostd_mpps": med("mpps", VHOSTD),
-            "dpdk_mpps": med("mpps", ANCHOR),
-            "vhostd_vs_dpdk": net.median_or_none(
-                net.ratio_by_round(runs, "mpps", VHOSTD, ANCHOR, size=size)),
-            "bound_mpps": med("mpps", BOUND),
-            "vhostd_vs_bound": net.median_or_none(
-                net.ratio_by_round(runs, "mpps", VHOSTD, BOUND, size=size)),
-            "dpdk_vs_bound": net.median_or_none(
-                net.ratio_by_round(runs, "mpps", ANCHOR, BOUND, size=size)),
-            "vhostd_gbps": med("gbps", VHOSTD),
-            "dpdk_gbps": med("gbps", ANCHOR),
-            "offered_mpps": net.median_or_none(
-                [r["offered_mpps"] for r in runs if r["size"] == size and r["backend"] != BOUND]),
-            "vhostd_cpu_pct": med("cpu_pct", VHOSTD),
-            "dpdk_cpu_pct": med("cpu_pct", ANCHOR),
-            "vhostd_us_per_frame": med("cpu_us_per_frame", VHOSTD),
-            "dpdk_us_per_frame": med("cpu_us_per_frame", ANCHOR),
-            "bound_us_per_frame": med("cpu_us_per_frame", BOUND),
-            # Runs where no frame was refused at the tap measured the injector, not a back-end.
-            "be_wait_pct": net.median_or_none(
-                [r["be_wait_pct"] for r in runs if r["size"] == size and r["backend"] != BOUND]),
+            **net.rate_columns(runs, size),
+            "offered_mpps": net.backends_median(runs, "offered_mpps", size),
+            "be_wait_pct": net.backends_median(runs, "be_wait_pct", size),
             "dpdk_ring_full_pct": med("guest_ring_full_pct", ANCHOR),
             "vhostd_tap_dropped_pct": med("tap_dropped_pct", VHOSTD),
             "dpdk_tap_dropped_pct": med("tap_dropped_pct", ANCHOR),
+            # Runs where no frame was refused or dropped at the tap measured the injector, not
+            # a back-end: treat them as invalid.
             "injector_bound_runs": sum(r["injector_bound"] for r in runs if r["size"] == size),
             "per_run": [r for r in runs if r["size"] == size],
         })

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from bench import Benchmark, BenchError, Row, progress
 from bench import _net as net
-from bench._net import ANCHOR, TAP, VHOSTD, NetNs
+from bench._net import BOUND, TAP, NetNs
 
-BOUND = "tapbound"
 BOUND_TAP = "nbbound0"  # tapbound creates it and it vanishes when tapbound exits
 
 
@@ -104,37 +103,14 @@ def run_bound(binary: Path, size: int, ns: NetNs, args: argparse.Namespace, rnd:
 
 
 def summarize(runs: list[Row], sizes: list[int]) -> list[Row]:
-    rows: list[Row] = []
-    for size in sizes:
-        def med(key: str, backend: str) -> float | None:
-            return net.median_of(runs, key, backend, size=size)
-
-        def ratio(num: str, den: str) -> float | None:
-            return net.median_or_none(net.ratio_by_round(runs, "mpps", num, den, size=size))
-
-        rows.append({
-            "size_B": size,
-            "vhostd_mpps": med("mpps", VHOSTD),
-            "dpdk_mpps": med("mpps", ANCHOR),
-            "vhostd_vs_dpdk": ratio(VHOSTD, ANCHOR),
-            "vhostd_gbps": med("gbps", VHOSTD),
-            "dpdk_gbps": med("gbps", ANCHOR),
-            "bound_mpps": med("mpps", BOUND),
-            "vhostd_vs_bound": ratio(VHOSTD, BOUND),
-            "dpdk_vs_bound": ratio(ANCHOR, BOUND),
-            "vhostd_cpu_pct": med("cpu_pct", VHOSTD),
-            "dpdk_cpu_pct": med("cpu_pct", ANCHOR),
-            "vhostd_us_per_frame": med("cpu_us_per_frame", VHOSTD),
-            "dpdk_us_per_frame": med("cpu_us_per_frame", ANCHOR),
-            "bound_us_per_frame": med("cpu_us_per_frame", BOUND),
-            # Other load: how long the back-ends and front-ends waited for their CPU.
-            "be_wait_pct": net.median_or_none(
-                [r["be_wait_pct"] for r in runs if r["size"] == size and r["backend"] != BOUND]),
-            "fe_wait_pct": net.median_or_none(
-                [r["fe_wait_pct"] for r in runs if r["size"] == size and r["backend"] != BOUND]),
-            "per_run": [r for r in runs if r["size"] == size],
-        })
-    return rows
+    return [{
+        "size_B": size,
+        **net.rate_columns(runs, size),
+        # Other load: how long the back-ends and front-ends waited for their CPU.
+        "be_wait_pct": net.backends_median(runs, "be_wait_pct", size),
+        "fe_wait_pct": net.backends_median(runs, "fe_wait_pct", size),
+        "per_run": [r for r in runs if r["size"] == size],
+    } for size in sizes]
 
 
 def run(args: argparse.Namespace) -> list[Row]:
