@@ -171,23 +171,30 @@ static void run_read(const char *ifname, double seconds)
     close(fd);
 }
 
-static void run_inject(const char *ifname, double seconds, size_t size)
+/* A send-only AF_PACKET socket bound to ifname, with the SOL_PACKET option `option` on. */
+static int packet_socket(const char *ifname, uint16_t ethertype, int option)
 {
     int s = socket(AF_PACKET, SOCK_RAW, 0);   /* protocol 0: send only, receive nothing */
     if (s < 0)
         die("socket(AF_PACKET)");
     int one = 1;
-    /* Straight to the driver: the qdisc would only add a lock and a queue to the path. */
-    if (setsockopt(s, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one)) < 0)
-        die("PACKET_QDISC_BYPASS");
+    if (setsockopt(s, SOL_PACKET, option, &one, sizeof(one)) < 0)
+        die("setsockopt(SOL_PACKET)");
     struct ifreq ifr = { 0 };
     strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
     if (ioctl(s, SIOCGIFINDEX, &ifr) < 0)
         die("SIOCGIFINDEX");
     struct sockaddr_ll addr = { .sll_family = AF_PACKET, .sll_ifindex = ifr.ifr_ifindex,
-                                .sll_protocol = htons(0x88b5), .sll_halen = 6 };
+                                .sll_protocol = htons(ethertype), .sll_halen = 6 };
     if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) < 0)
         die("bind");
+    return s;
+}
+
+static void run_inject(const char *ifname, double seconds, size_t size)
+{
+    /* Straight to the driver: the qdisc would only add a lock and a queue to the path. */
+    int s = packet_socket(ifname, 0x88b5, PACKET_QDISC_BYPASS);
     static uint8_t frame[MAX_FRAME];
     fill_frame(frame, size);
     struct iovec iov = { frame, size };
@@ -274,22 +281,9 @@ static void run_inject_gso(const char *ifname, double seconds, size_t size)
     unsigned segs = GSO_SEGMENTS;
     while ((size - FRAME_HDRS) * segs + 28 > 65535)
         segs--;
-    int s = socket(AF_PACKET, SOCK_RAW, 0);
-    if (s < 0)
-        die("socket(AF_PACKET)");
-    int one = 1;
     /* No PACKET_QDISC_BYPASS: the direct path refuses GSO packets the device cannot take,
      * where the normal path segments them. */
-    if (setsockopt(s, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one)) < 0)
-        die("PACKET_VNET_HDR");
-    struct ifreq ifr = { 0 };
-    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
-    if (ioctl(s, SIOCGIFINDEX, &ifr) < 0)
-        die("SIOCGIFINDEX");
-    struct sockaddr_ll addr = { .sll_family = AF_PACKET, .sll_ifindex = ifr.ifr_ifindex,
-                                .sll_protocol = htons(ETH_P_IP), .sll_halen = 6 };
-    if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) < 0)
-        die("bind");
+    int s = packet_socket(ifname, ETH_P_IP, PACKET_VNET_HDR);
     static uint8_t pkt[sizeof(struct virtio_net_hdr) + 65536];
     size_t len = build_gso_packet(pkt, size, segs);
     unsigned long long frames = 0, errors = 0;
