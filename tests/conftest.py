@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vhd_helpers import Daemon, Rig  # noqa: E402
-from unavailable import missing
+from unavailable import missing  # noqa: E402
 
 # Property tests run native code and subprocess-free rigs: keep them bounded
 # and free of timing flakiness.

@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 
 from bench import BenchError, Process  # noqa: E402
 from bench.blk_backend import BACKENDS, Frontend, Workload, build_blkfe  # noqa: E402
-from unavailable import missing
+from unavailable import missing  # noqa: E402
 
 IMAGE_SIZE = 32 << 20
 SECTOR = 512

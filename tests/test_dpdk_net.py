@@ -39,6 +39,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from netns import NetNs, netns, netns_available, vhostd_net  # noqa: E402
+from unavailable import missing  # noqa: E402
 from vhostd_proc import Vhostd  # noqa: E402
 
 from vhostd.frontend import Buf, DriverRing, Frontend, GuestRam  # noqa: E402
@@ -56,7 +57,6 @@ OFFLOADS_ON = ("--rx-offloads=0x1c", "--tx-offloads=0x2c")
 # RX ring): broadcast, local experimental ethertype, FRAME_LEN bytes.
 SENDER = r"""
 import json, socket, sys, time
-from unavailable import missing
 ifname, count, burst, gap, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((ifname, 0))

@@ -37,7 +37,7 @@ from vhostd.frontend import BlkDriver, DriverRing, Frontend, GuestRam  # noqa: E
 from vhostd.probe import DeviceType, ProbeError, guess_device_type, probe  # noqa: E402
 from vhostd.protocol.constants import HEADER_SIZE, ProtocolFeature, Request, bit  # noqa: E402
 from vhostd.protocol.messages import U64, Config, Header, encode_reply  # noqa: E402
-from unavailable import missing
+from unavailable import missing  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
