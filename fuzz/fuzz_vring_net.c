@@ -87,6 +87,7 @@ struct net_side {
     int fd;
     int wake;                 /* eventfd: TX is done */
     uint32_t hdr_len, gso;
+    int backend_hdr;          /* frames carry the header (else: raw frames, no offload) */
     uint64_t frames;
 };
 
@@ -105,6 +106,8 @@ static void *net_side_main(void *arg)
             continue;
         }
         ns->frames++;
+        if (!ns->backend_hdr)
+            continue;
         CHECK((size_t)r >= ns->hdr_len, "TX frame of %zd bytes, header is %u", r, ns->hdr_len);
         CHECK(header_ok(buf, (uint32_t)r - ns->hdr_len, ns->hdr_len, ns->gso),
               "TX passed a header the negotiated offloads forbid (flags %#x gso_type %#x)", buf[0], buf[1]);
@@ -134,6 +137,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint32_t tx_gso = take8(&in) & 0x1f;
     uint16_t max_pairs = 1 + (take8(&in) & 15);
     int ctrl = !!(misc & 64);
+    int backend_hdr = !(misc & 128);   /* a tap without IFF_VNET_HDR otherwise */
     uint16_t frame_len = take16(&in);
     uint32_t hdr_len = (flags & 16) ? 10 : 12;
     int mrg = !!(flags & 8), sockets = !!(flags & 64);
@@ -181,7 +185,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             frame[k] = (uint8_t)(k * 13 + 5);
         vhd_net_set_null_frame(net, frame, frame_len);
     }
-    vhd_net_configure(net, hdr_len, mrg, tx_gso);
+    vhd_net_configure(net, hdr_len, mrg, tx_gso, backend_hdr);
     int no_call = flags & 128;
 
     struct ring_track *ttx = NULL, *trx = NULL;
@@ -199,7 +203,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         delta.tx_dropped = now->tx_dropped - base.tx_dropped; delta.tx_bad_hdr = now->tx_bad_hdr - base.tx_bad_hdr; \
     } while (0)
     if (tx && !(misc & 16)) {
-        struct net_side ns = { .fd = sv[1], .wake = wake_fd, .hdr_len = hdr_len, .gso = tx_gso };
+        struct net_side ns = { .fd = sv[1], .wake = wake_fd, .hdr_len = hdr_len, .gso = tx_gso,
+                              .backend_hdr = backend_hdr };
         if (sockets)
             CHECK(pthread_create(&ns.thread, NULL, net_side_main, &ns) == 0, "harness: pthread_create");
         int n = vhd_net_tx(net, tx);

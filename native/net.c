@@ -4,6 +4,10 @@
  * out once, checked, and handed to the tap from that copy (the tap has
  * IFF_VNET_HDR with the same header size); the frame goes from guest memory
  * to the kernel in one writev, no copy in user space.
+ * When the front-end negotiated no offload at all, the tap is opened
+ * without IFF_VNET_HDR (backend_hdr false): the header then costs the
+ * kernel ~0.2 us per read for nothing, so vhostd strips it on TX and
+ * writes an empty one on RX.
  * RX: one read per frame.  Its first RX_HOT bytes land in a small buffer
  * of ours that stays in cache and are copied into the first guest chain
  * from there; the rest goes straight into that chain, then into a bounce
@@ -73,6 +77,7 @@ struct vhd_net {
     uint32_t hdr_len;
     bool mrg_rxbuf;
     uint32_t tx_gso;
+    bool backend_hdr;           /* the tap reads and writes the header */
     uint32_t rx_last_len;       /* the last frame read: predicts the next */
     struct vhd_net_stats stats;
     uint8_t *rx_head;           /* RX_HOT bytes, cache-line aligned ... */
@@ -92,6 +97,7 @@ vhd_net *vhd_net_new(int backend_fd)
     net->bounce = net->rx_head + RX_HOT;
     net->fd = backend_fd;
     net->hdr_len = NET_HDR_MAX;
+    net->backend_hdr = true;
     if (backend_fd >= 0) {
         net->tx = calloc(1, sizeof(*net->tx));
         if (net->tx && io_uring_queue_init(TX_URING_BATCH, &net->tx->ring, 0) < 0) {
@@ -135,11 +141,20 @@ static ssize_t null_readv(const vhd_net *net, const struct iovec *iov, int n)
     return (ssize_t)vhd_buf_to_iov(iov, n, src, len);
 }
 
-void vhd_net_configure(vhd_net *net, uint32_t hdr_len, int mrg_rxbuf, uint32_t tx_gso)
+void vhd_net_configure(vhd_net *net, uint32_t hdr_len, int mrg_rxbuf, uint32_t tx_gso, int backend_hdr)
 {
     net->hdr_len = hdr_len == 10 ? 10 : NET_HDR_MAX;
     net->mrg_rxbuf = mrg_rxbuf != 0;
-    net->tx_gso = tx_gso;
+    /* The null back-end generates its header itself. */
+    net->backend_hdr = backend_hdr != 0 || net->fd < 0;
+    /* Without the header the tap cannot take a partial checksum or GSO. */
+    net->tx_gso = net->backend_hdr ? tx_gso : 0;
+}
+
+/* Header bytes the back-end reads and writes itself: all or none. */
+static uint32_t backend_hdr_len(const vhd_net *net)
+{
+    return net->backend_hdr ? net->hdr_len : 0;
 }
 
 const struct vhd_net_stats *vhd_net_stats(const vhd_net *net)
@@ -195,7 +210,7 @@ static int tx_prepare(vhd_net *net, struct vhd_chain *c, struct virtio_net_hdr_v
     hdr->num_buffers = 0;
     int n = vhd_iov_skip(c->iov, c->n_out, net->hdr_len);
     out[0].iov_base = hdr;
-    out[0].iov_len = net->hdr_len;
+    out[0].iov_len = backend_hdr_len(net);
     memcpy(&out[1], c->iov, (size_t)n * sizeof(struct iovec));
     return n + 1;
 }
@@ -375,16 +390,18 @@ static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
     size_t head = cap < RX_HOT ? cap : RX_HOT;
     struct iovec iov[VHD_MAX_IOV];
     int n;
+    /* The header bytes the back-end does not write are ours (head >= them). */
+    uint32_t fill = net->hdr_len - backend_hdr_len(net);
     /* Small frames expected: all of it into our buffers (contiguous). */
     bool contiguous = net->rx_last_len <= RX_HOT;
     if (contiguous) {
         head = cap;
-        iov[0].iov_base = net->rx_head;
-        iov[0].iov_len = RX_HOT + RX_BOUNCE_SIZE;
+        iov[0].iov_base = net->rx_head + fill;
+        iov[0].iov_len = RX_HOT + RX_BOUNCE_SIZE - fill;
         n = 1;
     } else {
-        iov[0].iov_base = net->rx_head;
-        iov[0].iov_len = head;
+        iov[0].iov_base = net->rx_head + fill;
+        iov[0].iov_len = head - fill;
         memcpy(&iov[1], guest, (size_t)nseg * sizeof(*iov));
         n = 1 + vhd_iov_skip(&iov[1], nseg, head);
         iov[n].iov_base = net->bounce;
@@ -408,7 +425,8 @@ static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
         vhd_vring_unpop(vr, 1);   /* nothing to deliver: the chain stays the guest's */
         return 0;
     }
-    size_t len = (size_t)r;
+    size_t len = (size_t)r + fill;
+    memset(net->rx_head, 0, fill);   /* no flags, GSO_NONE */
     net->rx_last_len = (uint32_t)len;
     /* Where the bytes past the first chain are: after it in our contiguous
      * buffers (read), or at the start of the bounce (readv). */

@@ -166,8 +166,12 @@ vhd_net *vhd_net_new(int backend_fd);
 /* The frame the null back-end generates (without virtio_net_hdr). */
 void vhd_net_set_null_frame(vhd_net *net, const uint8_t *frame, uint32_t len);
 void vhd_net_free(vhd_net *net);
-/* Only while both rings of the pair are stopped.  hdr_len is 10 or 12. */
-void vhd_net_configure(vhd_net *net, uint32_t hdr_len, int mrg_rxbuf, uint32_t tx_gso);
+/* Only while both rings of the pair are stopped.  hdr_len is 10 or 12.
+ * backend_hdr: the back-end's frames carry the virtio_net_hdr (a tap with
+ * IFF_VNET_HDR); without it vhostd writes an empty header on RX and strips
+ * the guest's on TX, which then may not use any offload (tx_gso is
+ * ignored and taken as 0). */
+void vhd_net_configure(vhd_net *net, uint32_t hdr_len, int mrg_rxbuf, uint32_t tx_gso, int backend_hdr);
 const struct vhd_net_stats *vhd_net_stats(const vhd_net *net);
 /* Drains the TX ring into the back-end; returns chains handled. */
 int vhd_net_tx(vhd_net *net, vhd_vring *vr);

@@ -34,7 +34,8 @@ class NetRig:
     """Rings 0 (RX) and 1 (TX) of one queue pair over GuestRam, a NativeNet on
     one end of a socketpair; `peer` plays the tap's other side."""
 
-    def __init__(self, mrg_rxbuf: bool = True, tx_gso: int = ALL_TX, num: int = 64) -> None:
+    def __init__(self, mrg_rxbuf: bool = True, tx_gso: int = ALL_TX, num: int = 64,
+                 backend_hdr: bool = True) -> None:
         self.ram = GuestRam([1 << 20, 1 << 20])
         self.mem = MemTable()
         for r in self.ram.regions:
@@ -43,7 +44,8 @@ class NetRig:
         self.ours.setblocking(False)
         self.peer.setblocking(False)
         self.net = NativeNet(self.ours.fileno())
-        self.net.configure(HDR, mrg_rxbuf, tx_gso)
+        self.net.configure(HDR, mrg_rxbuf, tx_gso, backend_hdr)
+        self.backend_hdr = backend_hdr
         self.rx, self.tx = DriverRing(self.ram, 0, num), DriverRing(self.ram, 1, num)
         self.vrx, self.vtx = NativeVring(), NativeVring()
         for ring, v in ((self.rx, self.vrx), (self.tx, self.vtx)):
@@ -60,6 +62,10 @@ class NetRig:
             self.ram.write(gpa, p)
             bufs.append(Buf(gpa, len(p)))
         return self.tx.submit(bufs)
+
+    def inject(self, f: bytes, hdr: bytes | None = None) -> None:
+        """The tap's side sends frame f (with hdr, or an empty header, if the tap carries one)."""
+        self.peer.send(((hdr or vnet_hdr()) if self.backend_hdr else b"") + f)
 
     def run_tx(self) -> int:
         return self.vtx.process(NativeNet.TX, self.net.ptr)
@@ -278,12 +284,14 @@ def test_rx_batch_notifies_once(rig: NetRig) -> None:
     assert os.eventfd_read(rig.rx.call_fd) == 1
 
 
-def test_rx_frames_of_changing_size_land_whole_across_read_modes() -> None:
+@pytest.mark.parametrize("backend_hdr", [True, False], ids=["tap header", "raw tap"])
+def test_rx_frames_of_changing_size_land_whole_across_read_modes(backend_hdr: bool) -> None:
     """Small frames are read into the back-end's cache-hot buffer and copied,
     large ones mostly straight into the chain; the mode follows the last
     frame's size.  Every frame, in either mode, arrives byte for byte, with
-    RX_HOT (2048) falling inside a segment of a three-segment chain."""
-    rig = NetRig(num=256)
+    RX_HOT (2048) falling inside a segment of a three-segment chain.  From a
+    raw tap (no IFF_VNET_HDR) the same frames get an empty header of ours."""
+    rig = NetRig(num=256, backend_hdr=backend_hdr)
     try:
         segs = (700, 1000, 2000)
         chains: dict[int, list[tuple[int, int]]] = {}
@@ -295,7 +303,7 @@ def test_rx_frames_of_changing_size_land_whole_across_read_modes() -> None:
         sizes = [60, 5000, 3000, 60, 2100, 2036, 20000, 1500, 9000, 60]
         frames = [frame(n, seed=i + 1) for i, n in enumerate(sizes)]
         for f in frames:
-            rig.peer.send(vnet_hdr() + f)
+            rig.inject(f)
         rig.run_rx()
         used = rig.rx.take_used()
         got: list[bytes] = []
@@ -314,3 +322,43 @@ def test_rx_frames_of_changing_size_land_whole_across_read_modes() -> None:
         assert rig.net.stats().rx_frames == len(frames)
     finally:
         rig.close()
+
+
+# --- a tap without IFF_VNET_HDR (no offload negotiated) -----------------------
+
+@pytest.fixture
+def raw() -> Iterator[NetRig]:
+    r = NetRig(backend_hdr=False)
+    yield r
+    r.close()
+
+
+def test_raw_tap_tx_gets_the_frame_without_the_guest_header(raw: NetRig) -> None:
+    f = frame(60)
+    raw.send(vnet_hdr(num_buffers=3), f[:20], f[20:])
+    raw.run_tx()
+    assert raw.received() == [f]
+    assert raw.net.stats().tx_frames == 1
+
+
+def test_raw_tap_tx_refuses_offloads_it_cannot_pass_on(raw: NetRig) -> None:
+    # ALL_TX was negotiated, but a tap without the header cannot finish a
+    # partial checksum: such a frame would leave with a wrong one.
+    raw.send(vnet_hdr(flags=NEEDS_CSUM, csum_start=34, csum_offset=6), frame(60))
+    raw.send(vnet_hdr(), frame(61))
+    raw.run_tx()
+    assert raw.received() == [frame(61)]
+    assert (raw.net.stats().tx_bad_hdr, raw.net.stats().tx_frames) == (1, 1)
+
+
+def test_raw_tap_rx_frame_gets_an_empty_header_and_merges(raw: NetRig) -> None:
+    gpas = raw.post_rx(100, 1500, 1500, 1500)
+    small, big = frame(60, seed=2), frame(3000, seed=3)
+    raw.inject(small)
+    raw.inject(big)
+    raw.run_rx()
+    used = raw.rx.take_used()
+    assert [n for _, n in used] == [HDR + 60, 1500, 1500, HDR + 3000 - 2 * 1500]
+    assert raw.ram.read(gpas[0], HDR + 60) == vnet_hdr(num_buffers=1) + small
+    data = b"".join(raw.ram.read(g, n) for g, (_, n) in zip(gpas[1:], used[1:]))
+    assert data == vnet_hdr(num_buffers=3) + big

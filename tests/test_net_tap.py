@@ -121,6 +121,43 @@ def test_tap_offloads_follow_negotiated_features(tmp_path: Path, ns: NetNs) -> N
         v.stop()
 
 
+def _tun_flags(ns: NetNs) -> int:
+    return int(ns.run(["cat", f"/sys/class/net/{TAP}/tun_flags"]).stdout, 16)
+
+
+IFF_PERSIST, IFF_VNET_HDR = 0x0800, 0x4000
+
+
+def test_tap_carries_the_header_only_while_an_offload_is_negotiated(tmp_path: Path, ns: NetNs) -> None:
+    """Without offloads the tap is reattached without IFF_VNET_HDR (cheaper
+    reads); the device keeps its bridge port and MTU through that, is not
+    left persistent, and gets the header back for the next front-end."""
+    ns.run(["ip", "link", "add", "br0", "type", "bridge"])
+    v = start(tmp_path, ns, "--bridge", "br0", "--mtu", "4000", "--queue-pairs", "2")
+    try:
+        assert _tun_flags(ns) & IFF_VNET_HDR
+        g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+        try:
+            flags = _tun_flags(ns)
+            assert not flags & IFF_VNET_HDR and not flags & IFF_PERSIST, hex(flags)
+            link = ns.run(["ip", "-o", "link", "show", TAP]).stdout
+            assert "master br0" in link and "mtu 4000" in link and ",UP" in link, link
+            cap = capture(ns, 2, "88b5")
+            out = eth(b"\xff" * 6, GUEST_MAC, 0x88B5, b"raw-tx" + bytes(40))
+            g.net.send(out)
+            g.net.tx.wait_used(1)
+            assert out in frames_of(cap)
+        finally:
+            g.close()
+        g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(CSUM) | bit(GUEST_CSUM))
+        g.close()
+        flags = _tun_flags(ns)
+        assert flags & IFF_VNET_HDR and not flags & IFF_PERSIST, hex(flags)
+    finally:
+        v.stop()
+    assert TAP not in ns.run(["ip", "-o", "link", "show"]).stdout
+
+
 def test_send_rarp_announces_the_mac_on_the_tap(tmp_path: Path, ns: NetNs) -> None:
     v = start(tmp_path, ns)
     g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))

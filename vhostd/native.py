@@ -286,8 +286,9 @@ class NativeNet:
     def set_null_frame(self, frame: bytes) -> None:
         lib.vhd_net_set_null_frame(self.ptr, frame, len(frame))
 
-    def configure(self, hdr_len: int, mrg_rxbuf: bool, tx_gso: int) -> None:
-        lib.vhd_net_configure(self.ptr, hdr_len, int(mrg_rxbuf), tx_gso)
+    def configure(self, hdr_len: int, mrg_rxbuf: bool, tx_gso: int, backend_hdr: bool = True) -> None:
+        """backend_hdr False: the tap was opened without IFF_VNET_HDR (no offloads)."""
+        lib.vhd_net_configure(self.ptr, hdr_len, int(mrg_rxbuf), tx_gso, int(backend_hdr))
 
     def stats(self) -> NetStats:
         s = lib.vhd_net_stats(self.ptr)

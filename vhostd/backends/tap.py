@@ -9,6 +9,10 @@ Kernel facts this relies on (drivers/net/tun.c):
 - With IFF_VNET_HDR every read/write carries a virtio_net_hdr of
   TUNSETVNETHDRSZ bytes (10 or 12), exactly the guest's header.  The tap
   writes only the first 10 bytes on read: num_buffers is ours to set.
+- The tap's flags (IFF_VNET_HDR among them) are the device's, and only
+  the first queue attached sets them: changing them means closing every
+  queue and attaching again, with IFF_PERSIST held meanwhile so the
+  device (its MTU, bridge port, link state) survives.
 - TUNSETOFFLOAD says which offloaded frames (partial checksum, TSO, UFO)
   the tap may hand us on read, i.e. what the guest accepts (GUEST_*).
   What the tap accepts on write is not limited by it.
@@ -32,12 +36,14 @@ TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETQUEUE = 0x400454D9
+TUNSETPERSIST = 0x400454CB
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
+IFF_PERSIST = 0x0800
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -66,9 +72,14 @@ def _exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
-def _open_queue(name: str, multi_queue: bool) -> OwnedFd:
+def _tun_flags(name: str) -> int:
+    return int(Path("/sys/class/net", name, "tun_flags").read_text(), 16)
+
+
+def _open_queue(name: str, multi_queue: bool, vnet_hdr: bool = True) -> OwnedFd:
     fd = OwnedFd(os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
-    flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+    flags = (IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+             | (IFF_MULTI_QUEUE if multi_queue else 0))
     try:
         fcntl.ioctl(fd.fileno(), TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
     except OSError:
@@ -83,6 +94,8 @@ class Tap:
         self.name = options.name
         self.created = not _exists(self.name)
         self.queues: list[OwnedFd] = []
+        self.multi_queue = True
+        self.vnet_hdr = True   # reads and writes carry a virtio_net_hdr
         try:
             self._open_queues()
             self._configure_link()
@@ -97,6 +110,7 @@ class Tap:
             except OSError as e:
                 # A persistent single-queue tap refuses IFF_MULTI_QUEUE.
                 if e.errno == errno.EINVAL and not self.created and self.options.queue_pairs == 1:
+                    self.multi_queue = False
                     self.queues.append(_open_queue(self.name, multi_queue=False))
                     continue
                 raise TapError(f"tap {self.name}: cannot open queue {i}: {e.strerror}"
@@ -138,6 +152,59 @@ class Tap:
     def set_vnet_hdr_size(self, size: int) -> None:
         for q in self.queues:
             fcntl.ioctl(q.fileno(), TUNSETVNETHDRSZ, struct.pack("i", size))
+
+    def set_vnet_hdr(self, enabled: bool) -> bool:
+        """Reattaches every queue with or without IFF_VNET_HDR, keeping the
+        fd numbers (the data plane holds them).  Only while no worker runs.
+        A tap someone else also holds keeps its flags.  Returns whether the
+        queues now carry the header (read back from the kernel)."""
+        if enabled == self.vnet_hdr:
+            return enabled
+        persistent = bool(_tun_flags(self.name) & IFF_PERSIST)
+        if not (self.created or persistent):
+            return self.vnet_hdr
+        try:
+            if not persistent:
+                fcntl.ioctl(self.queues[0].fileno(), TUNSETPERSIST, 1)
+            self._reattach(enabled)
+            if not persistent:
+                fcntl.ioctl(self.queues[0].fileno(), TUNSETPERSIST, 0)
+        except OSError as e:
+            if not persistent:
+                self._unpersist()
+            raise TapError(f"tap {self.name}: cannot reattach queues "
+                           f"{'with' if enabled else 'without'} IFF_VNET_HDR: {e.strerror}") from None
+        self.vnet_hdr = bool(_tun_flags(self.name) & IFF_VNET_HDR)
+        return self.vnet_hdr
+
+    def _unpersist(self) -> None:
+        """After a failed reattach: a tap vhostd created must not outlive it."""
+        try:
+            fd = _open_queue(self.name, self.multi_queue, self.vnet_hdr)
+        except OSError:
+            return
+        try:
+            fcntl.ioctl(fd.fileno(), TUNSETPERSIST, 0)
+        except OSError:
+            pass
+        finally:
+            fd.close()
+
+    def _reattach(self, vnet_hdr: bool) -> None:
+        # Every queue is detached first (its fd number held by /dev/null,
+        # so nothing else can take it); the first new one sets the flags.
+        placeholder = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for q in self.queues:
+                os.dup2(placeholder, q.fileno(), inheritable=False)
+        finally:
+            os.close(placeholder)
+        for q in self.queues:
+            fresh = _open_queue(self.name, self.multi_queue, vnet_hdr)
+            try:
+                os.dup2(fresh.fileno(), q.fileno(), inheritable=False)
+            finally:
+                fresh.close()
 
     def set_offload(self, flags: int) -> int:
         """Applies the offloads; drops UFO if this kernel refuses it.  Returns what was set."""
