@@ -41,8 +41,8 @@ BOUND = "tapbound"   # the one-frame-per-syscall tap bound (bench/tapbound.c) in
 BACKEND_CPU, FRONTEND_CPU = 0, 1
 TAP = "nbtap0"
 TESTPMD = "dpdk-testpmd"
-# Enough mbufs for an 8192-entry ring plus in-flight bursts, small enough for -m 256.
-TESTPMD_MBUFS = 32768
+# Enough mbufs to fill a 32768-entry ring (net-rx) plus in-flight bursts, within -m 512.
+TESTPMD_MBUFS = 65536
 # DPDK's net_tap asks for one real-time signal per received frame unless none is free;
 # with 35..63 ignored it polls with readv() instead (~20x faster, PEERS.md).
 IGNORE_RT_SIGNALS = "for s in $(seq 35 63); do trap '' $s; done; "
@@ -139,7 +139,7 @@ class TestPmd:
                  timeout: float = 30.0) -> None:
         self.file_prefix = f"vhd-bench-{os.getpid()}-{next(_prefixes)}"
         testpmd = ["stdbuf", "-oL", TESTPMD, "--no-pci", f"--file-prefix={self.file_prefix}",
-                   f"--lcores=(0,1)@{cpu}", "--no-huge", "-m", "256"]
+                   f"--lcores=(0,1)@{cpu}", "--no-huge", "-m", "512"]
         for v in vdevs:
             testpmd += ["--vdev", v]
         # --disable-link-check: a vhost port is down until its front-end comes; waiting for it

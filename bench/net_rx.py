@@ -18,8 +18,9 @@ queue stays full and the back-end sets the pace: `tap_dropped_pct` > 0 shows it.
 front-end beside it, below what one core of back-end takes.
 
 The front-end busy-polls; it runs at nice 5 (--frontend-nice) so the injector keeps most of
-CPU 1, and the large ring (--queue-size 8192) holds the frames that arrive while it waits for
-its turn.  The two take turns on CPU 1 in slices of milliseconds, so frames arrive in bursts:
+CPU 1, and the largest split ring (--queue-size 32768) holds the frames that arrive while it
+waits for its turn.  With 8192 the front-end ran dry while the injector had CPU 1: vhostd
+idled at ~78% CPU and the run measured CPU 1, not the back-end.  The two take turns on CPU 1 in slices of milliseconds, so frames arrive in bursts:
 the tap's queue is raised from 1000 to 16384 frames (--tap-queue) to hold a slice's worth,
 or the back-end would idle between bursts while the tap drops frames during them.  vhostd's CPU per frame (`vhostd_us_per_frame`) is its cost (DPDK polls: its CPU is
 ~100% whatever it moves), and `dpdk_ring_full_pct` says how often the front-end, not DPDK,
@@ -52,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="64,1518",
                    help="Ethernet frame sizes with FCS, as in RFC 2544; the tap carries 4 bytes "
                         "less (default 64,1518)")
-    p.add_argument("--queue-size", type=int, default=8192,
-                   help="virtio_user ring size (default 8192; see the module doc)")
+    p.add_argument("--queue-size", type=int, default=32768,
+                   help="virtio_user ring size (default 32768; see the module doc)")
     p.add_argument("--injector", choices=["gso", "sendmmsg"], default="gso",
                    help="how frames enter the tap: gso (UDP GSO, the kernel segments; default) "
                         "or sendmmsg (one frame per message; slower than the back-ends)")

@@ -378,6 +378,10 @@ def test_offloads_on_and_off(ns: NetNs, vhostd: Callable[..., Vhostd],
     assert not off & (bit(NET_F_CSUM) | bit(NET_F_GUEST_CSUM)), hex(off)
     assert on & bit(NET_F_CSUM) and on & bit(NET_F_GUEST_CSUM), hex(on)
     assert on & bit(VirtioFeature.VERSION_1) and off & bit(VirtioFeature.VERSION_1)
+    # Without offloads the tap went without the virtio-net header, and got it back.
+    log = d.log()
+    without = log.find("reattached without the virtio-net header")
+    assert 0 <= without < log.find("reattached with the virtio-net header"), log[-4000:]
 
 
 def test_two_queue_pairs(ns: NetNs, vhostd: Callable[..., Vhostd],

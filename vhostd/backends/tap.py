@@ -37,6 +37,7 @@ TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETQUEUE = 0x400454D9
 TUNSETPERSIST = 0x400454CB
+TUNGETIFF = 0x800454D2
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
 IFF_TAP = 0x0002
@@ -72,8 +73,10 @@ def _exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
-def _tun_flags(name: str) -> int:
-    return int(Path("/sys/class/net", name, "tun_flags").read_text(), 16)
+def _tun_flags(fd: OwnedFd) -> int:
+    """The device's flags, IFF_PERSIST and IFF_VNET_HDR among them (TUNGETIFF)."""
+    ifr = fcntl.ioctl(fd.fileno(), TUNGETIFF, bytes(40))
+    return int(struct.unpack_from("H", ifr, 16)[0])
 
 
 def _open_queue(name: str, multi_queue: bool, vnet_hdr: bool = True) -> OwnedFd:
@@ -160,7 +163,7 @@ class Tap:
         queues now carry the header (read back from the kernel)."""
         if enabled == self.vnet_hdr:
             return enabled
-        persistent = bool(_tun_flags(self.name) & IFF_PERSIST)
+        persistent = bool(_tun_flags(self.queues[0]) & IFF_PERSIST)
         if not (self.created or persistent):
             return self.vnet_hdr
         try:
@@ -174,7 +177,7 @@ class Tap:
                 self._unpersist()
             raise TapError(f"tap {self.name}: cannot reattach queues "
                            f"{'with' if enabled else 'without'} IFF_VNET_HDR: {e.strerror}") from None
-        self.vnet_hdr = bool(_tun_flags(self.name) & IFF_VNET_HDR)
+        self.vnet_hdr = bool(_tun_flags(self.queues[0]) & IFF_VNET_HDR)
         return self.vnet_hdr
 
     def _unpersist(self) -> None:

@@ -205,7 +205,11 @@ class NetDevice(Device):
             try:
                 # No offload either way: the tap's header would carry nothing
                 # and costs the kernel ~0.2 us per frame (bench/README.md).
+                had_hdr = self.tap.vnet_hdr
                 backend_hdr = self.tap.set_vnet_hdr(bool(rx_offload or tx_gso))
+                if backend_hdr != had_hdr:
+                    log.info("%s: tap %s reattached %s the virtio-net header (offloads %s)", self.name,
+                             self.tap.name, "with" if backend_hdr else "without", "on" if backend_hdr else "off")
                 if backend_hdr:
                     self.tap.set_vnet_hdr_size(self.hdr_len)
                 self.tap.set_offload(rx_offload)
@@ -223,6 +227,7 @@ class NetDevice(Device):
             "backend": "tap" if self.tap else "null",
             "tap": self.tap.name if self.tap else None,
             "link_up": self.tap.is_up() if self.tap else True,
+            "tap_vnet_hdr": self.tap.vnet_hdr if self.tap else None,
             "mac": format_mac(self.mac),
             "queue_pairs": [asdict(p.stats()) for p in self.pairs],
             "ctrl": asdict(self.ctrl.state()) | {"mac": None},
