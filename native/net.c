@@ -372,6 +372,23 @@ static bool rx_merge(vhd_vring *vr, const uint8_t *tail_src, size_t tail, uint16
     return true;
 }
 
+/* The front-end's core touched this chain's buffers last (it read the
+ * previous frame there): ask for the lines we are about to copy into now,
+ * so that they move over while the kernel reads the frame.  How many: as
+ * many as the last frame needed, up to the RX_HOT head.  Measured in
+ * net-rx: 64 B frames ~1.04 -> 0.87-0.90 us each (bench/README.md). */
+static void rx_prefetch(const vhd_net *net, const struct iovec *guest, int nseg)
+{
+    size_t want = net->rx_last_len < RX_HOT ? net->rx_last_len : RX_HOT;
+    for (int i = 0; i < nseg && want > 0; i++) {
+        const uint8_t *p = guest[i].iov_base;
+        size_t n = guest[i].iov_len < want ? guest[i].iov_len : want;
+        for (size_t off = 0; off < n; off += 64)
+            __builtin_prefetch(p + off, 1);
+        want -= n;
+    }
+}
+
 /* One frame.  Returns 1 if a frame was delivered or dropped, 0 if the
  * back-end is empty, VHD_RX_STARVED, or a ring error. */
 static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
@@ -388,6 +405,7 @@ static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
         cap += guest[i].iov_len;
     /* cap >= hdr_len (pop_rx), so the header is always in the head. */
     size_t head = cap < RX_HOT ? cap : RX_HOT;
+    rx_prefetch(net, guest, nseg);
     struct iovec iov[VHD_MAX_IOV];
     int n;
     /* The header bytes the back-end does not write are ours (head >= them). */
