@@ -79,7 +79,7 @@ def test_sigint_exits_cleanly_while_a_frontend_is_connected(tmp_path: Path) -> N
     t = time.monotonic()
     assert v.stop(signal.SIGINT) == 0
     assert time.monotonic() - t < 5
-    assert not v.socket.exists()
+    assert not v.listening_socket.exists()
     assert fe.is_closed()
     fe.close()
 

@@ -192,7 +192,7 @@ def test_sd_notify_ready_status_watchdog_stopping_in_order(tmp_path: Path) -> No
     listener = _notify_listener(tmp_path)
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
     v = _serve(tmp_path, cfg, env=env)
-    messages = []
+    messages: list[str] = []
     try:
         while len([m for m in messages if "WATCHDOG=1" in m]) < 2:
             messages.append(listener.recv(4096).decode())

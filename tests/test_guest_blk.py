@@ -70,8 +70,8 @@ def test_guest_io_fio_two_queues_readonly_and_reboot(tmp_path: Path) -> None:
     ro_image.write_bytes(b"R" * MIB)
     with vhostd_proc.blk(tmp_path, rw_image, "--num-queues", "2", "--serial", "vhd-rw", name="rw") as rw, \
             vhostd_proc.blk(tmp_path, ro_image, "--read-only", "--serial", "vhd-ro", name="ro") as ro:
-        qemu = (guestvm.vhost_user_blk_args(rw.socket, num_queues=2, chardev_id="rw")
-                + guestvm.vhost_user_blk_args(ro.socket, chardev_id="ro"))
+        qemu = (guestvm.vhost_user_blk_args(rw.listening_socket, num_queues=2, chardev_id="rw")
+                + guestvm.vhost_user_blk_args(ro.listening_socket, chardev_id="ro"))
         script = f"""
 set -e
 {_disk_by_serial("vhd-ro")}
@@ -118,7 +118,7 @@ def test_guest_killed_mid_io_leaves_vhostd_serving(tmp_path: Path) -> None:
         script = ("echo FIO-RUNNING; fio --name=busy --filename=/dev/vda --rw=randrw --bs=4k "
                   "--iodepth=32 --ioengine=libaio --direct=1 --time_based --runtime=60 "
                   "--output-format=terse >/dev/null")
-        with guestvm.start_guest(script, guestvm.vhost_user_blk_args(v.socket), timeout=120) as g:
+        with guestvm.start_guest(script, guestvm.vhost_user_blk_args(v.listening_socket), timeout=120) as g:
             assert g.wait_for("FIO-RUNNING", 60), g.console
             # Let fio get requests in flight, then pull the plug on QEMU.
             assert _wait_log(v, "ring 0 started", 30)
@@ -163,6 +163,6 @@ def test_guest_fio_verify_other_engines(tmp_path: Path, engine_args: list[str]) 
     with vhostd_proc.blk(tmp_path, image, *engine_args) as v:
         script = (f"D=/dev/vda\n{FIO_VERIFY} > /tmp/fio.out\n"
                   "echo FIO-ERR $(grep -v '^fio:' /tmp/fio.out | cut -d';' -f5)")
-        res = guestvm.run_guest(script, guestvm.vhost_user_blk_args(v.socket), timeout=180)
+        res = guestvm.run_guest(script, guestvm.vhost_user_blk_args(v.listening_socket), timeout=180)
         assert res.rc == 0 and "FIO-ERR 0" in res.output, res.describe()
         assert v.alive()

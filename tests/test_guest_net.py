@@ -64,7 +64,7 @@ echo TX-TEST; iperf3 -c {HOST_IP} -t 3 -f g
 echo RX-TEST; iperf3 -c {HOST_IP} -t 3 -R -P 2 -f g
 """
         rx0, rxb0 = ns.read_stat("vtap0", "rx_packets"), ns.read_stat("vtap0", "rx_bytes")
-        res = guestvm.run_guest(script, net_args(v.socket, queues=2), smp=2, timeout=180)
+        res = guestvm.run_guest(script, net_args(v.listening_socket, queues=2), smp=2, timeout=180)
         assert res.rc == 0, res.describe()
         out = res.output
         assert "QUEUES 2" in out and "PING-OK" in out, res.describe()
@@ -97,7 +97,7 @@ echo MTU $(cat /sys/class/net/eth0/mtu)
 ping -c 3 -W 5 -s 8000 {HOST_IP} | grep -q ' 0% packet loss' && echo JUMBO-PING-OK
 """
         rx0, rxb0 = ns.read_stat("vtap0", "rx_packets"), ns.read_stat("vtap0", "rx_bytes")
-        res = guestvm.run_guest(script, net_args(v.socket, extra=",host_mtu=9000"), timeout=120)
+        res = guestvm.run_guest(script, net_args(v.listening_socket, extra=",host_mtu=9000"), timeout=120)
         assert res.rc == 0, res.describe()
         assert "MTU 9000" in res.output and "JUMBO-PING-OK" in res.output, res.describe()
         # Unfragmented: the 8 KB echo requests reached the tap as single frames.

@@ -48,7 +48,7 @@ def _write_req(ram: GuestRam, ring: DriverRing, sector: int, byte: int) -> tuple
 def test_get_inflight_fd_buffer_tracks_completions(tmp_path: Path, engine: str) -> None:
     image = vhostd_proc.sparse_image(tmp_path / "d.img", 1 << 20)
     with vhostd_proc.blk(tmp_path, image, "--aio", engine) as v:
-        fe = _connect(v.socket)
+        fe = _connect(v.listening_socket)
         fe.send(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, NUM).pack())
         reply, fds = fe.recv_reply_fds(Request.GET_INFLIGHT_FD)
         info = Inflight.unpack(reply)
@@ -100,7 +100,7 @@ def test_restarted_backend_resubmits_in_flight_requests_once(tmp_path: Path, don
         f.seek((10 + done) * 512)
         f.write(bytes([0xA0 + done]) * 512)
     with vhostd_proc.blk(tmp_path, image) as v:
-        fe = _connect(v.socket)
+        fe = _connect(v.listening_socket)
         fe.send(Request.SET_INFLIGHT_FD, Inflight(size, 0, 1, NUM).pack(), [fd])
         fe.set_mem_table(ram)
         fe.start_ring(ring, base=ring.used_idx())

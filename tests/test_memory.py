@@ -244,6 +244,7 @@ def test_mmap_offset_not_page_aligned(offset: int) -> None:
 def add_err(t: MemTable, fd: int, gpa: int, size: int, uva: int, off: int = 0) -> int:
     with pytest.raises(NativeError) as ei:
         t.add(fd, gpa, size, uva, off)
+    assert ei.value.errno is not None
     return ei.value.errno
 
 

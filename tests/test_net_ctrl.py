@@ -83,14 +83,14 @@ MAC = bytes.fromhex("525400123456")
 def test_control_commands_are_acknowledged_correctly(tmp_path: Path, cls: int, cmd: int,
                                                      data: bytes, expected: int) -> None:
     with _null_net(tmp_path) as v:
-        c = Ctrl(v.socket, pairs=2)
+        c = Ctrl(v.listening_socket, pairs=2)
         assert c.command(cls, cmd, data) == (expected, 1)
         c.close()
 
 
 def test_control_state_is_visible_and_a_chain_without_ack_byte_is_returned_empty(tmp_path: Path) -> None:
     with _null_net(tmp_path) as v:
-        c = Ctrl(v.socket, pairs=2)
+        c = Ctrl(v.listening_socket, pairs=2)
         assert c.command(4, 0, struct.pack("<H", 1))[0] == OK
         assert c.command(0, 0, b"\x01")[0] == OK
         assert c.command(1, 1, MAC)[0] == OK
@@ -106,6 +106,6 @@ def test_control_state_is_visible_and_a_chain_without_ack_byte_is_returned_empty
 
 def test_without_mq_the_control_queue_is_ring_2(tmp_path: Path) -> None:
     with _null_net(tmp_path) as v:
-        c = Ctrl(v.socket, pairs=2, mq=False)
+        c = Ctrl(v.listening_socket, pairs=2, mq=False)
         assert c.command(0, 0, b"\x01") == (OK, 1)
         c.close()

@@ -74,7 +74,7 @@ def eth(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
 def test_frames_both_ways(tmp_path: Path, ns: NetNs, version_1: bool) -> None:
     v = start(tmp_path, ns)
     feats = RING_FEATURES | (bit(VirtioFeature.VERSION_1) if version_1 else 0)
-    g = Guest(v.socket, feats)
+    g = Guest(v.listening_socket, feats)
     try:
         # guest TX -> tap
         cap = capture(ns, 2, "88b5")
@@ -87,7 +87,7 @@ def test_frames_both_ways(tmp_path: Path, ns: NetNs, version_1: bool) -> None:
         inject = eth(GUEST_MAC, bytes.fromhex("020000000001"), 0x88B5, b"vhostd-rx" + bytes(40))
         ns.run([sys.executable, PKTIO, "send", TAP, inject.hex()])
         # The kernel may send its own frames (IPv6 autoconf) out of the tap too.
-        got = {}
+        got: dict[bytes, bytes] = {}
         deadline = time.monotonic() + 5
         while inject not in got and time.monotonic() < deadline:
             got.update((f, h) for h, f in g.net.recv(1))
@@ -108,12 +108,12 @@ def _offloads(ns: NetNs) -> dict[str, str]:
 def test_tap_offloads_follow_negotiated_features(tmp_path: Path, ns: NetNs) -> None:
     v = start(tmp_path, ns)
     try:
-        g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(CSUM)
+        g = Guest(v.listening_socket, RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(CSUM)
                   | bit(GUEST_CSUM) | bit(GUEST_TSO4) | bit(GUEST_TSO6) | bit(HOST_TSO4))
         on = _offloads(ns)
         g.close()
         assert on["tx-checksumming"] == "on" and on["tcp-segmentation-offload"] == "on", on
-        g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+        g = Guest(v.listening_socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
         off = _offloads(ns)
         g.close()
         assert off["tx-checksumming"] == "off" and off["tcp-segmentation-offload"] == "off", off
@@ -136,7 +136,7 @@ def test_tap_carries_the_header_only_while_an_offload_is_negotiated(tmp_path: Pa
     v = start(tmp_path, ns, "--bridge", "br0", "--mtu", "4000", "--queue-pairs", "2")
     try:
         assert _tun_flags(ns) & IFF_VNET_HDR
-        g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+        g = Guest(v.listening_socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
         try:
             flags = _tun_flags(ns)
             assert not flags & IFF_VNET_HDR and not flags & IFF_PERSIST, hex(flags)
@@ -149,7 +149,7 @@ def test_tap_carries_the_header_only_while_an_offload_is_negotiated(tmp_path: Pa
             assert out in frames_of(cap)
         finally:
             g.close()
-        g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(CSUM) | bit(GUEST_CSUM))
+        g = Guest(v.listening_socket, RING_FEATURES | bit(VirtioFeature.VERSION_1) | bit(CSUM) | bit(GUEST_CSUM))
         g.close()
         flags = _tun_flags(ns)
         assert flags & IFF_VNET_HDR and not flags & IFF_PERSIST, hex(flags)
@@ -160,7 +160,7 @@ def test_tap_carries_the_header_only_while_an_offload_is_negotiated(tmp_path: Pa
 
 def test_send_rarp_announces_the_mac_on_the_tap(tmp_path: Path, ns: NetNs) -> None:
     v = start(tmp_path, ns)
-    g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+    g = Guest(v.listening_socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
     try:
         cap = capture(ns, 2, "8035")
         g.fe.send(Request.SEND_RARP, U64(int.from_bytes(GUEST_MAC + b"\0\0", "little")).pack())
@@ -177,7 +177,7 @@ def test_send_rarp_announces_the_mac_on_the_tap(tmp_path: Path, ns: NetNs) -> No
 
 def test_config_link_status_follows_the_tap_and_mac(tmp_path: Path, ns: NetNs) -> None:
     v = start(tmp_path, ns, "--mac", "52:54:00:aa:bb:cc", "--queue-pairs", "2")
-    g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+    g = Guest(v.listening_socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
     try:
         cfg = g.fe.get_config(12)
         mac, status, pairs, mtu = struct.unpack("<6sHHH", cfg)
@@ -210,7 +210,7 @@ def test_created_tap_is_removed_and_attached_tap_is_kept(tmp_path: Path, ns: Net
 def test_single_queue_persistent_tap_works_with_one_pair(tmp_path: Path, ns: NetNs) -> None:
     ns.run(["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])
     v = start(tmp_path, ns)
-    g = Guest(v.socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
+    g = Guest(v.listening_socket, RING_FEATURES | bit(VirtioFeature.VERSION_1))
     try:
         cap = capture(ns, 2, "88b5")
         out = eth(b"\xff" * 6, GUEST_MAC, 0x88B5, bytes(46))

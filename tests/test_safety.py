@@ -43,7 +43,7 @@ def _sector_pattern(sector: int, gen: int) -> bytes:
 def test_write_acknowledged_after_flush_survives_kill_9(tmp_path: Path, engine: str) -> None:
     image = vhostd_proc.sparse_image(tmp_path / "d.img", SECTORS * 512)
     v = vhostd_proc.blk(tmp_path, image, "--aio", engine)
-    fe, ram, ring = _session(v.socket)
+    fe, ram, ring = _session(v.listening_socket)
     drv = BlkDriver(ring)
     for s in range(0, 64):
         assert drv.write(s, _sector_pattern(s, 1)).status == 0
@@ -63,7 +63,7 @@ def test_unacknowledged_writes_are_never_torn_into_neighbours(tmp_path: Path) ->
     blocks = SECTORS // 8
     image.write_bytes(b"".join(_sector_pattern(b, 0) * 8 for b in range(blocks)))
     v = vhostd_proc.blk(tmp_path, image)
-    fe, ram, ring = _session(v.socket, ram_mb=32)
+    fe, ram, ring = _session(v.listening_socket, ram_mb=32)
     rng = random.Random(7)
     # Queue 200 block writes at once, then kill mid-stream.
     bufs = []
@@ -84,10 +84,10 @@ def test_unacknowledged_writes_are_never_torn_into_neighbours(tmp_path: Path) ->
     time.sleep(rng.uniform(0.0, 0.005))
     v.stop(signal.SIGKILL)
     fe.close()
-    data = image.read_bytes()
+    disk = image.read_bytes()
     new = 0
     for b in range(blocks):
-        got = data[b * 4096:(b + 1) * 4096]
+        got = disk[b * 4096:(b + 1) * 4096]
         assert got in (_sector_pattern(b, 0) * 8, _sector_pattern(b, 1) * 8), f"block {b} torn or misplaced"
         new += got == _sector_pattern(b, 1) * 8
     assert new <= submitted
@@ -96,18 +96,18 @@ def test_unacknowledged_writes_are_never_torn_into_neighbours(tmp_path: Path) ->
 def test_socket_is_private_by_default_and_group_when_asked(tmp_path: Path) -> None:
     image = vhostd_proc.sparse_image(tmp_path / "d.img", 1 << 20)
     with vhostd_proc.blk(tmp_path, image) as v:
-        st = os.stat(v.socket)
+        st = os.stat(v.listening_socket)
         assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
     group = grp.getgrgid(os.getgroups()[-1] if os.getgroups() else os.getgid())
     with vhostd_proc.blk(tmp_path, image, "--socket-group", group.gr_name, name="grp") as v:
-        st = os.stat(v.socket)
+        st = os.stat(v.listening_socket)
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group.gr_gid
 
 
 def test_only_one_frontend_at_a_time(tmp_path: Path) -> None:
     image = vhostd_proc.sparse_image(tmp_path / "d.img", 1 << 20)
     with vhostd_proc.blk(tmp_path, image) as v:
-        fe, ram, ring = _session(v.socket)
+        fe, ram, ring = _session(v.listening_socket)
         second = Frontend(str(v.socket))
         assert second.is_closed(), "a second front-end must be refused"
         second.close()

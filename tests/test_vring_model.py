@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,7 @@ def segments(gpa: int, n: int, room: int) -> list[tuple[int, int]]:
     """vhd_mem_gpa_to_iov(): Err(ADDR) for bytes outside memory, Err(IOV) when out of room."""
     if (gpa + n) % U64 < gpa:
         raise Err(lib.VHD_ERR_ADDR)
-    segs = []
+    segs: list[tuple[int, int]] = []
     while n:
         for g, s in REGIONS:
             if g <= gpa < g + s:
@@ -306,13 +306,16 @@ def test_random_rings_match_the_model(workdir: Path, data: st.DataObject, event_
         for i, d in enumerate(table):
             ring.write_desc(i, *d)
         kinds = ["plausible"] * (12 if heads else 0) + ["random"] * 3 + ["bad head", "jump"]
+        draw_action: dict[str, Callable[[], int]] = {
+            "plausible": lambda: data.draw(st.sampled_from(heads)),
+            "random": lambda: data.draw(st.integers(0, NUM - 1)),
+            "bad head": lambda: data.draw(st.integers(NUM, 0xFFFF)),
+            "jump": lambda: -1,
+        }
         actions = []
         for _ in range(data.draw(st.integers(1, 6), label="actions")):
             kind = data.draw(st.sampled_from(kinds), label="action")
-            actions.append({"plausible": lambda: data.draw(st.sampled_from(heads)),
-                            "random": lambda: data.draw(st.integers(0, NUM - 1)),
-                            "bad head": lambda: data.draw(st.integers(NUM, 0xFFFF)),
-                            "jump": lambda: -1}[kind]())
+            actions.append(draw_action[kind]())
 
         file = bytearray(rig.file())
         last_avail, used_idx, broken, calls_expected = 0, 0, 0, True

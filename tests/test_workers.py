@@ -63,7 +63,7 @@ def test_null_net_backend_discards_tx_and_generates_rx(tmp_path: Path) -> None:
 def test_poll_mode_serves_requests_and_an_idle_device_costs_no_cpu(tmp_path: Path) -> None:
     image = vhostd_proc.sparse_image(tmp_path / "d.img", 4 << 20)
     with vhostd_proc.blk(tmp_path, image, "--poll-us", "200", "--num-queues", "2") as v:
-        fe, drivers = _blk_session(v.socket, queues=2)
+        fe, drivers = _blk_session(v.listening_socket, queues=2)
         for i, d in enumerate(drivers):
             for k in range(50):
                 assert d.write(8 * k + i, bytes([k]) * 512).status == 0
@@ -80,7 +80,7 @@ def test_cpu_affinity_pins_ring_workers(tmp_path: Path) -> None:
     image = vhostd_proc.sparse_image(tmp_path / "d.img", 4 << 20)
     last = (os.cpu_count() or 1) - 1
     with vhostd_proc.blk(tmp_path, image, "--cpu-affinity", str(last)) as v:
-        fe, (d,) = _blk_session(v.socket)
+        fe, (d,) = _blk_session(v.listening_socket)
         assert d.read(0, 512).status == 0
 
         def allowed() -> list[str]:
@@ -98,7 +98,7 @@ def test_cpu_affinity_pins_ring_workers(tmp_path: Path) -> None:
 def test_a_ring_broken_by_the_guest_is_logged_with_its_reason(tmp_path: Path) -> None:
     image = vhostd_proc.sparse_image(tmp_path / "d.img", 4 << 20)
     with vhostd_proc.blk(tmp_path, image, "--num-queues", "2") as v:
-        fe, (d0, d1) = _blk_session(v.socket, queues=2)
+        fe, (d0, d1) = _blk_session(v.listening_socket, queues=2)
         d0.ring.submit([Buf(1 << 40, 16), Buf(0x100000, 1, writable=True)])
         d0.ring.kick()
         deadline = time.monotonic() + 5

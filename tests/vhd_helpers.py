@@ -200,8 +200,8 @@ class Rig:
         head = self.ring.submit(bufs, indirect)
         return Req(head, st, in_gpa, read_len)
 
-    def read_req(self, sector: int, length: int, **kw: bool) -> Req:
-        return self.request(VIRTIO_BLK_T_IN, sector, read_len=length, **kw)
+    def read_req(self, sector: int, length: int, indirect: bool = False, split_header: bool = False) -> Req:
+        return self.request(VIRTIO_BLK_T_IN, sector, read_len=length, indirect=indirect, split_header=split_header)
 
     def write_req(self, sector: int, data: bytes, **kw: bool) -> Req:
         return self.request(VIRTIO_BLK_T_OUT, sector, data=data, **kw)

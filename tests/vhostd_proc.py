@@ -27,6 +27,12 @@ class Vhostd:
         if socket is not None:
             self.wait_listening()
 
+    @property
+    def listening_socket(self) -> Path:
+        """The socket of a vhostd started with one."""
+        assert self.socket is not None, "this vhostd was started without a socket to wait for"
+        return self.socket
+
     def wait_listening(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         assert self.socket is not None
