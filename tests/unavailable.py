@@ -11,6 +11,6 @@ import pytest
 
 
 def missing(reason: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(f"must run in CI, but: {reason}")
-    pytest.skip(reason)
+    if not os.environ.get("CI"):
+        pytest.skip(reason)
+    pytest.fail(f"must run in CI, but: {reason}")
