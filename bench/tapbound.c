@@ -36,6 +36,7 @@
 #include <linux/if_packet.h>
 #include <linux/if_tun.h>
 #include <linux/virtio_net.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -120,24 +121,33 @@ static void report(unsigned long long frames, unsigned long long errors, double 
            (double)frames / seconds, cpu);
 }
 
+/* One write (or read) of buf per call on fd for SECONDS, then the report and close: the
+ * whole of the write and read bounds.  A call that moves nothing is an error (write: the
+ * tap refused the frame) or an empty poll (read). */
+static void spin(int fd, bool writing, uint8_t *buf, size_t len, double seconds)
+{
+    unsigned long long frames = 0, misses = 0;
+    double start = now(), end = start + seconds, t = start;
+    while (t < end) {
+        for (int i = 0; i < CLOCK_EVERY; i++) {
+            ssize_t r = writing ? write(fd, buf, len) : read(fd, buf, len);
+            if (r > 0)
+                frames++;
+            else
+                misses++;
+        }
+        t = now();
+    }
+    report(frames, misses, t - start);
+    close(fd);
+}
+
 static void run_write(const char *ifname, double seconds, size_t size)
 {
     int fd = open_tap(ifname);
     static uint8_t frame[MAX_FRAME];
     fill_frame(frame, size);
-    unsigned long long frames = 0, errors = 0;
-    double start = now(), end = start + seconds, t = start;
-    while (t < end) {
-        for (int i = 0; i < CLOCK_EVERY; i++) {
-            if (write(fd, frame, size) < 0)
-                errors++;
-            else
-                frames++;
-        }
-        t = now();
-    }
-    report(frames, errors, t - start);
-    close(fd);
+    spin(fd, true, frame, size, seconds);
 }
 
 static void run_read(const char *ifname, double seconds)
@@ -146,19 +156,7 @@ static void run_read(const char *ifname, double seconds)
     if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0)
         die("O_NONBLOCK");
     static uint8_t buf[65536] __attribute__((aligned(64)));
-    unsigned long long frames = 0, empty = 0;
-    double start = now(), end = start + seconds, t = start;
-    while (t < end) {
-        for (int i = 0; i < CLOCK_EVERY; i++) {
-            if (read(fd, buf, sizeof(buf)) > 0)
-                frames++;
-            else
-                empty++;
-        }
-        t = now();
-    }
-    report(frames, empty, t - start);
-    close(fd);
+    spin(fd, false, buf, sizeof(buf), seconds);
 }
 
 /* A send-only AF_PACKET socket bound to ifname, with the SOL_PACKET option `option` on. */

@@ -372,12 +372,6 @@ static bool rx_merge(vhd_vring *vr, const uint8_t *tail_src, size_t tail, uint16
     return true;
 }
 
-/* The front-end's core touched this chain's buffers last (it read the
- * previous frame there): ask for the lines we are about to copy into now,
- * so that they move over while the kernel reads the frame.  How many: as
- * many as the last frame needed, up to the RX_HOT head.  Measured in
- * net-rx: 64 B frames ~1.04 -> 0.87-0.90 us each, 0.81-0.93 with
- * prefetchw (the line arrives writable, bench/README.md). */
 static inline void prefetch_for_write(const void *p)
 {
 #if defined(__x86_64__)
@@ -388,6 +382,12 @@ static inline void prefetch_for_write(const void *p)
 #endif
 }
 
+/* The front-end's core touched this chain's buffers last (it read the
+ * previous frame there): ask for the lines we are about to copy into now,
+ * so that they move over while the kernel reads the frame.  How many: as
+ * many as the last frame needed, up to the RX_HOT head.  Measured in
+ * net-rx: 64 B frames ~1.04 -> 0.87-0.90 us each, 0.81-0.93 with
+ * prefetchw (the line arrives writable, bench/README.md). */
 static void rx_prefetch(const vhd_net *net, const struct iovec *guest, int nseg)
 {
     size_t want = net->rx_last_len < RX_HOT ? net->rx_last_len : RX_HOT;
