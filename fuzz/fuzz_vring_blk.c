@@ -165,7 +165,9 @@ static struct outcome run(const struct blk_input *bi, int uring, int disk, const
         /* Run until idle, as the worker would on completion events. */
         for (int round = 0; round < 100000; round++) {
             int rc = vhd_process_ring(vr, VHD_DEV_BLK_URING, uring_q[bi->readonly]);
-            vhd_blk_queue_drain(uring_q[bi->readonly], vr);
+            /* What a stopping ring's worker does on completion events. */
+            for (long spins = 0; vhd_blk_queue_quiesce(uring_q[bi->readonly], vr) > 0; spins++)
+                CHECK(spins < 100000000, "io_uring requests never completed");
             CHECK(rc <= 0, "vhd_blk_queue_run returned %d", rc);
             if (rc < 0 || vhd_vring_stats(vr)->broken || !vhd_vring_pending(vr))
                 break;

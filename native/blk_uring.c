@@ -5,8 +5,9 @@
  * request becomes an SQE, a whole batch is submitted with one syscall, and
  * completions arrive on an eventfd the ring's worker watches next to the
  * kick.  Requests complete out of order (allowed: IN_ORDER is not offered).
- * Before the worker stops (GET_VRING_BASE, memory change, disconnect) every
- * request in flight is waited for and completed, so last_avail_idx never
+ * Before a ring stops (GET_VRING_BASE, memory change, disconnect) every
+ * request in flight completes and is published (vhd_blk_queue_quiesce, on
+ * completion events: the worker never blocks), so last_avail_idx never
  * counts a request the guest will not get back. */
 #include <errno.h>
 #include <liburing.h>
@@ -258,13 +259,11 @@ int vhd_blk_queue_run(vhd_blk_queue *q, vhd_vring *vr)
     }
 }
 
-void vhd_blk_queue_drain(vhd_blk_queue *q, vhd_vring *vr)
+uint32_t vhd_blk_queue_quiesce(vhd_blk_queue *q, vhd_vring *vr)
 {
-    while (q->nfree < q->depth) {
-        struct io_uring_cqe *cqe;
-        if (io_uring_wait_cqe(&q->ring, &cqe) < 0)
-            continue;
-        reap(q, vr);
-    }
+    eventfd_t v;
+    (void)eventfd_read(q->efd, &v);
+    reap(q, vr);
     vhd_vring_flush(vr);
+    return q->depth - q->nfree;
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["mem.c", "vring.c", "iov.c", "blk.c", "blk_uring.c", "net.c", "net_ctrl.c", "worker.c"]
+SOURCES = ["mem.c", "vring.c", "iov.c", "blk.c", "blk_uring.c", "net.c", "net_ctrl.c", "sched.c"]
 CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]
 
 ffibuilder = FFI()

@@ -195,8 +195,9 @@ int vhd_blk_queue_run(vhd_blk_queue *q, vhd_vring *vr);
 uint32_t vhd_blk_queue_inflight(const vhd_blk_queue *q);
 /* True if completions are waiting to be reaped (busy-poll). */
 int vhd_blk_queue_completions(vhd_blk_queue *q);
-/* Waits for and completes every request in flight (before a ring stops). */
-void vhd_blk_queue_drain(vhd_blk_queue *q, vhd_vring *vr);
+/* Reaps the completions that are there, publishes them and returns how
+ * many requests are still in flight (a stopping ring, without blocking). */
+uint32_t vhd_blk_queue_quiesce(vhd_blk_queue *q, vhd_vring *vr);
 
 /* virtio-net control virtqueue, when the front-end hands it over. */
 typedef struct vhd_net_ctrl vhd_net_ctrl;
@@ -221,22 +222,49 @@ int vhd_net_ctrl_run(vhd_net_ctrl *c, vhd_vring *vr);
 #define VHD_DEV_NET_RX 2
 #define VHD_DEV_NET_TX 3
 
-/* A worker thread serving one ring: epoll on the kick eventfd (or polling
- * when kick_fd is -1), a private stop eventfd and, for net RX, the back-end
- * fd (watched only while the guest has buffers).  It never enters Python. */
-typedef struct vhd_worker vhd_worker;
+/* The ring scheduler (sched.c): a fixed set of worker threads, each serving
+ * many rings from one epoll (kick eventfds, back-end fds, a command
+ * eventfd).  A ring runs as a task on one worker; which worker is the
+ * caller's policy.  Workers never enter Python or take the GIL. */
+typedef struct vhd_sched vhd_sched;
+typedef struct vhd_task vhd_task;
 
-struct vhd_worker_config {
-    uint64_t poll_ns;           /* busy-poll this long after work before sleeping (0: never) */
-    int cpu;                    /* pin the thread to this CPU (-1: no pinning) */
+#define VHD_MAX_WORKERS 1024
+/* vhd_task_attach's worker for a back-end that blocks (the synchronous blk
+ * engine): a thread of its own, ended when the ring detaches. */
+#define VHD_WORKER_EXCLUSIVE -2
+
+/* Counters of one worker, written by it, read racily for status. */
+struct vhd_worker_stats {
+    uint64_t wakeups;           /* returns from epoll_wait */
+    uint64_t runs;              /* ring turns (one budget each) */
+    uint64_t polls;             /* busy-poll rounds */
+    uint32_t rings;             /* rings attached */
 };
 
-/* Returns NULL and sets *err (negative errno) on failure. */
-vhd_worker *vhd_worker_start(vhd_vring *vr, int dev_kind, void *dev,
-                             int kick_fd, int backend_fd,
-                             const struct vhd_worker_config *cfg, int *err);
-/* Asks the worker to stop after its current batch and joins it. */
-void vhd_worker_stop(vhd_worker *w);
+/* nworkers threads; worker i pinned to cpus[i % ncpus] (ncpus 0: unpinned).
+ * Returns NULL and sets *err (negative errno) on failure. */
+vhd_sched *vhd_sched_new(uint32_t nworkers, const int *cpus, uint32_t ncpus, int *err);
+/* Every task must have been detached. */
+void vhd_sched_free(vhd_sched *s);
+uint32_t vhd_sched_nworkers(const vhd_sched *s);
+const struct vhd_worker_stats *vhd_sched_worker_stats(const vhd_sched *s, uint32_t worker);
+
+/* Starts serving vr on worker (an index, or VHD_WORKER_EXCLUSIVE): epoll on
+ * kick_fd (-1: the front-end wants the ring polled) and, for net RX and
+ * io_uring blk, backend_fd.  poll_ns: busy-poll this long after work
+ * (0: never).  Does not wait for the worker; returns NULL and sets *err if
+ * an fd cannot be watched. */
+vhd_task *vhd_task_attach(vhd_sched *s, int worker, vhd_vring *vr, int dev_kind, void *dev,
+                          int kick_fd, int backend_fd, uint64_t poll_ns, int *err);
+/* Waits until the worker has let go of the ring: the current turn ends,
+ * io_uring requests in flight complete and are published.  Then frees t;
+ * the ring and device are the caller's again. */
+void vhd_task_detach(vhd_task *t);
+/* Runs fn(t, arg) on the ring's worker between two turns and waits for it. */
+void vhd_task_call(vhd_task *t, void (*fn)(vhd_task *t, void *arg), void *arg);
+vhd_vring *vhd_task_vring(const vhd_task *t);
+int vhd_task_worker(const vhd_task *t);
 
 /* Processes everything available on vr once, synchronously (tests, and the
  * worker's loop body).  Returns the number of chains handled. */

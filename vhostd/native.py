@@ -14,12 +14,13 @@ from typing import Any
 
 from vhostd._native import ffi, lib
 
-__all__ = ["ffi", "lib", "MemTable", "NativeVring", "Worker", "NativeBlk", "NativeBlkQueue", "NativeNet", "NativeNetCtrl",
+__all__ = ["ffi", "lib", "MemTable", "NativeVring", "NativeScheduler", "Task", "NativeBlk", "NativeBlkQueue", "NativeNet", "NativeNetCtrl",
            "NativeError", "SharedMapping", "inflight_queue_size", "VringStats", "NetStats", "RING_ERRORS"]
 
 MAX_MEM_REGIONS: int = lib.VHD_MAX_MEM_REGIONS
 MAX_QUEUE_SIZE: int = lib.VHD_MAX_QUEUE_SIZE
 MAX_IOV: int = lib.VHD_MAX_IOV
+MAX_WORKERS: int = lib.VHD_MAX_WORKERS
 
 # Names of vhd_vring_pop()'s guest errors, for logs and status.
 RING_ERRORS: dict[int, str] = {
@@ -164,23 +165,61 @@ class NativeVring:
             lib.vhd_vring_free(ptr)
 
 
-class Worker:
-    """``vhd_worker``: a native thread serving one ring."""
+@dataclass(frozen=True)
+class WorkerStats:
+    wakeups: int
+    runs: int
+    polls: int
+    rings: int
 
-    def __init__(self, vring: NativeVring, dev_kind: int, dev: Any, kick_fd: int,
-                 backend_fd: int = -1, poll_us: int = 0, cpu: int = -1) -> None:
+
+class NativeScheduler:
+    """``vhd_sched``: the fixed set of native worker threads."""
+
+    def __init__(self, workers: int, cpus: tuple[int, ...] = ()) -> None:
         err = ffi.new("int *")
-        cfg = ffi.new("struct vhd_worker_config *", {"poll_ns": poll_us * 1000, "cpu": cpu})
-        ptr = lib.vhd_worker_start(vring.ptr, dev_kind, dev, kick_fd, backend_fd, cfg, err)
+        cpu_arr = ffi.new("int[]", list(cpus) or [0])
+        ptr = lib.vhd_sched_new(workers, cpu_arr, len(cpus), err)
         if ptr == ffi.NULL:
-            check(err[0], "start ring worker")
+            check(err[0], f"start {workers} ring workers")
         self.ptr: Any = ptr
+        self.workers = workers
 
-    def stop(self) -> None:
-        """Stops after the current batch and joins (blocks: call off the event loop)."""
+    def worker_stats(self, worker: int) -> WorkerStats:
+        s = lib.vhd_sched_worker_stats(self.ptr, worker)
+        return WorkerStats(s.wakeups, s.runs, s.polls, s.rings)
+
+    def attach(self, vring: NativeVring, worker: int, dev_kind: int, dev: Any, kick_fd: int,
+               backend_fd: int = -1, poll_us: int = 0) -> Task:
+        err = ffi.new("int *")
+        ptr = lib.vhd_task_attach(self.ptr, worker, vring.ptr, dev_kind, dev, kick_fd, backend_fd,
+                                  poll_us * 1000, err)
+        if ptr == ffi.NULL:
+            check(err[0], "start ring")
+        return Task(ptr)
+
+    def close(self) -> None:
+        """Joins the workers; every task must have been detached."""
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:
-            lib.vhd_worker_stop(ptr)
+            lib.vhd_sched_free(ptr)
+
+
+EXCLUSIVE_WORKER: int = lib.VHD_WORKER_EXCLUSIVE
+
+
+class Task:
+    """``vhd_task``: one ring served by a worker."""
+
+    def __init__(self, ptr: Any) -> None:
+        self.ptr = ptr
+        self.worker = int(lib.vhd_task_worker(ptr))
+
+    def detach(self) -> None:
+        """Waits until the worker lets go of the ring (blocks: call off the event loop)."""
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_task_detach(ptr)
 
 
 class NativeBlk:
