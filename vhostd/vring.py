@@ -1,10 +1,11 @@
-"""One virtqueue's vhost-user state, and its native worker.
+"""One virtqueue's vhost-user state, and its place on a native worker.
 
 All the state the front-end set (SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR/
 ENABLE) lives here in plain fields; the C ring (``NativeVring``) is set up
 from it each time the ring starts, and gives back ``last_avail_idx`` when
 it stops.  A ring runs iff it is started (a kick fd, or polling, was set),
-enabled, and has memory, a size and addresses.
+enabled, and has memory, a size and addresses; running, it is a task on a
+worker the ``Scheduler`` chose.
 """
 
 from __future__ import annotations
@@ -16,29 +17,30 @@ import trio
 
 from vhostd.fds import OwnedFd, close_all
 from vhostd.memory import GuestMemory
-from vhostd.native import NativeError, NativeVring, VringStats, Worker, ffi
+from vhostd.native import NativeError, NativeVring, VringStats, ffi
 from vhostd.protocol.messages import VringAddr
+from vhostd.scheduler import Placement, Scheduler, SchedulerError
 
 
 @dataclass(frozen=True)
 class QueueBackend:
     """What a ring's native worker runs: a ``VHD_DEV_*`` kind, the C device
-    object, and for net RX the back-end fd to watch."""
+    object, for net RX and io_uring blk the back-end fd to watch, and
+    whether it blocks (then it gets a thread of its own)."""
 
     kind: int
     dev: Any
     backend_fd: int = -1
+    exclusive: bool = False
 
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """How ring workers run: optional bounded busy-poll and CPU pinning."""
+    """How a device's rings are scheduled: optional bounded busy-poll, and
+    the CPUs whose workers may serve them (empty: any worker)."""
 
     poll_us: int = 0
     cpus: tuple[int, ...] = ()
-
-    def cpu_for(self, ring: int) -> int:
-        return self.cpus[ring % len(self.cpus)] if self.cpus else -1
 
 
 class VringError(Exception):
@@ -57,19 +59,25 @@ class Vring:
     started: bool = False
     enabled: bool = False
     native: NativeVring = field(default_factory=NativeVring)
-    worker: Worker | None = None
+    placement: Placement | None = None
+    scheduler: Scheduler | None = None
 
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.placement is not None
+
+    @property
+    def worker(self) -> int | None:
+        """The worker serving the ring (-2: a thread of its own), None when stopped."""
+        return self.placement.worker if self.placement else None
 
     def can_run(self, mem: GuestMemory | None) -> bool:
         return self.started and self.enabled and mem is not None and self.num > 0 and self.addr is not None
 
-    def start(self, mem: GuestMemory, backend: QueueBackend, *, event_idx: bool, indirect: bool,
-              options: WorkerOptions = WorkerOptions(), broken_fd: int = -1,
-              inflight: Any = None) -> None:
-        assert self.addr is not None and self.worker is None
+    def start(self, mem: GuestMemory, backend: QueueBackend, scheduler: Scheduler, *, owner: str,
+              event_idx: bool, indirect: bool, options: WorkerOptions = WorkerOptions(),
+              broken_fd: int = -1, inflight: Any = None) -> None:
+        assert self.addr is not None and self.placement is None
         try:
             self.native.setup(
                 mem.table, num=self.num, desc=self.addr.desc_user_addr,
@@ -84,24 +92,32 @@ class Vring:
                 f"{'not inside guest memory' if e.errno == 14 else 'misaligned or bad size'}"
             ) from None
         try:
-            self.worker = Worker(self.native, backend.kind, backend.dev, _fd_or_minus1(self.kick),
-                                 backend.backend_fd, options.poll_us, options.cpu_for(self.index))
+            self.placement = scheduler.attach(
+                self.native, owner=owner, kind=backend.kind, dev=backend.dev,
+                kick_fd=_fd_or_minus1(self.kick), backend_fd=backend.backend_fd,
+                poll_us=options.poll_us, cpus=options.cpus, exclusive=backend.exclusive)
         except NativeError as e:   # e.g. a kick fd epoll cannot watch (a regular file)
             raise VringError(f"ring {self.index}: {e.strerror}") from None
+        except SchedulerError as e:
+            raise VringError(f"ring {self.index}: {e}") from None
+        self.scheduler = scheduler
 
     async def stop(self) -> None:
-        """Joins the worker (off the event loop) and saves last_avail_idx."""
-        worker, self.worker = self.worker, None
-        if worker is not None:
-            await trio.to_thread.run_sync(worker.stop)
+        """Detaches the ring from its worker (off the event loop: in-flight
+        I/O completes first) and saves last_avail_idx."""
+        placement, self.placement = self.placement, None
+        if placement is not None:
+            assert self.scheduler is not None
+            self.scheduler.release(placement)
+            await trio.to_thread.run_sync(placement.detach)
             self.last_avail_idx = self.native.last_avail_idx
 
     def stats(self) -> VringStats:
         return self.native.stats()
 
     def close(self) -> None:
-        """Releases fds and the C ring; the worker must be stopped."""
-        assert self.worker is None
+        """Releases fds and the C ring; the ring must be stopped."""
+        assert self.placement is None
         close_all((self.kick, self.call, self.err))
         self.kick = self.call = self.err = None
         self.native.close()

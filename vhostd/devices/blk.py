@@ -47,7 +47,7 @@ class Engine(enum.Enum):
     """How a queue's requests reach the file."""
 
     IO_URING = "io_uring"   # many in flight, batched submission (default)
-    SYNC = "sync"           # one preadv/pwritev at a time per queue
+    SYNC = "sync"           # one preadv/pwritev at a time per queue, a thread per queue
 
 
 # Requests in flight per queue with io_uring.
@@ -149,7 +149,7 @@ class BlkDevice(Device):
         if self.queues:
             q = self.queues[index]
             return QueueBackend(q.kind, q.ptr, q.completion_fd)
-        return QueueBackend(self.native.kind, self.native.ptr)
+        return QueueBackend(self.native.kind, self.native.ptr, exclusive=True)   # sync I/O blocks
 
     def _close_files(self) -> None:
         self.file.close()

@@ -43,6 +43,7 @@ from vhostd.protocol.messages import (
     vring_index_of,
 )
 from vhostd.native import MAX_MEM_REGIONS
+from vhostd.scheduler import Scheduler
 from vhostd.vring import Vring, VringError
 
 log = logging.getLogger("vhostd.session")
@@ -60,9 +61,10 @@ VHOST_VRING_F_LOG = 0x1
 
 
 class Session:
-    def __init__(self, device: Device, channel: Channel) -> None:
+    def __init__(self, device: Device, channel: Channel, scheduler: Scheduler) -> None:
         self.device = device
         self.channel = channel
+        self.scheduler = scheduler
         self.features = 0            # acked virtio features (SET_FEATURES)
         self.protocol_features = 0   # acked protocol features
         self.mem: GuestMemory | None = None
@@ -207,15 +209,16 @@ class Session:
                                       f"queue size {self.inflight.queue_size}")
         resubmitted = vr.stats().resubmitted
         try:
-            vr.start(self.mem, self.device.queue_backend(vr.index),
+            vr.start(self.mem, self.device.queue_backend(vr.index), self.scheduler, owner=self.device.name,
                      event_idx=self._has_feature(VirtioFeature.RING_EVENT_IDX),
                      indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC),
                      options=self.device.workers, broken_fd=self._broken.fileno(),
                      inflight=self.inflight.region(vr.index) if self.inflight else None)
         except VringError as e:
             raise ProtocolError(None, str(e)) from None
-        log.info("%s: ring %d started (size %d, base %d)", self.device.name, vr.index, vr.num,
-                 vr.native.last_avail_idx)
+        log.info("%s: ring %d started (size %d, base %d, %s)", self.device.name, vr.index, vr.num,
+                 vr.native.last_avail_idx,
+                 "own thread" if vr.worker is not None and vr.worker < 0 else f"worker {vr.worker}")
         if (n := vr.stats().resubmitted - resubmitted) > 0:
             log.info("%s: ring %d: resubmitting %d requests that were in flight", self.device.name, vr.index, n)
 
@@ -472,6 +475,7 @@ class Session:
             st = vr.stats()
             rings.append({
                 "index": vr.index, "size": vr.num, "enabled": vr.enabled, "running": vr.running,
+                "worker": vr.worker,
                 "last_avail_idx": vr.native.last_avail_idx if vr.running else vr.last_avail_idx,
                 "requests": st.requests, "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
                 "errors": st.errors, "kicks": st.kicks, "calls": st.calls, "batches": st.batches,
