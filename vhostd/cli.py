@@ -26,6 +26,7 @@ from vhostd.config import BlkConfig, Config, DaemonConfig, DeviceConfig, Endpoin
 from vhostd.daemon import Daemon, DaemonError
 from vhostd.devices.blk import MAX_QUEUES, Engine
 from vhostd.devices.net import MAX_QUEUE_PAIRS, parse_mac
+from vhostd.native import MAX_WORKERS
 
 DEFAULT_IMAGE_SIZE = 1 << 30
 log = logging.getLogger("vhostd")
@@ -72,13 +73,16 @@ def endpoint_options(f: F) -> F:
 
 
 def worker_options(f: F) -> F:
-    """--poll-us and --cpu-affinity, shared by every device command."""
+    """--poll-us, --cpu-affinity and --workers, shared by every device command."""
     f = click.option("--poll-us", type=click.IntRange(0, 1000), default=0, show_default=True,
-                     help="After a burst, busy-poll the ring this long before sleeping "
+                     help="After a burst, busy-poll the rings this long before sleeping "
                           "(lower latency, more CPU; an idle device never polls).")(f)
     f = click.option("--cpu-affinity", "cpus", default="",
-                     help="Comma-separated CPUs for the ring workers (ring i gets the "
+                     help="Comma-separated CPUs to pin the ring workers to (worker i gets the "
                           "i-th, cycling) [default: no pinning].")(f)
+    f = click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=None,
+                     help="Ring worker threads [default: one per CPU of --cpu-affinity, or of "
+                          "the CPUs vhostd may run on].")(f)
     return f
 
 
@@ -98,10 +102,10 @@ def _daemon_config(base: DaemonConfig, control_socket: Path | None, metrics_list
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise click.BadParameter(f"{metrics_listen!r} is not HOST:PORT", param_hint="--metrics-listen")
         listen = (host.strip("[]"), int(port))
-    return DaemonConfig(control_socket=control_socket or base.control_socket, metrics_listen=listen)
+    return replace(base, control_socket=control_socket or base.control_socket, metrics_listen=listen)
 
 
-def _workers(poll_us: int, cpus: str) -> Workers:
+def _cpu_list(cpus: str) -> tuple[int, ...]:
     try:
         cpu_list = tuple(int(c) for c in cpus.split(",") if c.strip())
     except ValueError:
@@ -110,7 +114,15 @@ def _workers(poll_us: int, cpus: str) -> Workers:
     bad = [c for c in cpu_list if not 0 <= c < (os.cpu_count() or 1)]
     if bad:
         raise click.BadParameter(f"CPU {bad[0]} does not exist here", param_hint="--cpu-affinity")
-    return Workers(poll_us=poll_us, cpu_affinity=cpu_list)
+    return cpu_list
+
+
+def _single_device(cfg: DeviceConfig, workers: int | None, cpus: str, control_socket: Path | None,
+                   metrics_listen: str | None) -> Config:
+    """One device: --workers and --cpu-affinity are the daemon's worker settings."""
+    daemon = replace(_daemon_config(DaemonConfig(), control_socket, metrics_listen),
+                     workers=workers or 0, cpu_affinity=_cpu_list(cpus))
+    return Config(daemon=daemon, devices=(cfg,), source="command line")
 
 
 def _endpoint(socket_path: Path | None, fd: int | None, client: bool, socket_group: str | None) -> Endpoint:
@@ -156,7 +168,7 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
 @daemon_options
 def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         file: Path | None, read_only: bool, num_queues: int, serial: str, engine: str, direct: bool,
-        name: str, print_capabilities: bool, poll_us: int, cpus: str,
+        name: str, print_capabilities: bool, poll_us: int, cpus: str, workers: int | None,
         control_socket: Path | None, metrics_listen: str | None) -> None:
     """Serve a virtio-blk device backed by FILE.
 
@@ -175,10 +187,9 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
     if len(serial.encode()) > 20:
         raise click.BadParameter("longer than 20 bytes", param_hint="--serial")
     cfg = BlkConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
-                    workers=_workers(poll_us, cpus), file=file, read_only=read_only,
+                    workers=Workers(poll_us=poll_us), file=file, read_only=read_only,
                     num_queues=num_queues, serial=serial, aio=Engine(engine), direct=direct)
-    _serve(Config(daemon=_daemon_config(DaemonConfig(), control_socket, metrics_listen),
-                  devices=(cfg,), source="command line"))
+    _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen))
 
 
 @main.command()
@@ -201,7 +212,7 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
 def net(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         tap: str | None, backend: str, bridge: str | None, mtu: int | None, mac: str | None,
         queue_pairs: int, name: str, print_capabilities: bool, poll_us: int, cpus: str,
-        control_socket: Path | None, metrics_listen: str | None) -> None:
+        workers: int | None, control_socket: Path | None, metrics_listen: str | None) -> None:
     """Serve a virtio-net device whose frames go to and from a tap device.
 
     \b
@@ -221,10 +232,9 @@ def net(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--mac") from None
     cfg = NetConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
-                    workers=_workers(poll_us, cpus), tap=tap, backend=backend, bridge=bridge,
+                    workers=Workers(poll_us=poll_us), tap=tap, backend=backend, bridge=bridge,
                     mtu=mtu, mac=mac_bytes, queue_pairs=queue_pairs)
-    _serve(Config(daemon=_daemon_config(DaemonConfig(), control_socket, metrics_listen),
-                  devices=(cfg,), source="command line"))
+    _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen))
 
 
 # --- serve: many devices from a configuration file --------------------------------

@@ -5,6 +5,8 @@ allowed, e.g. ``vhostd.toml: devices.disk0.num_queues: 0 is not in 1..8``.
     [daemon]                        # optional
     control_socket = "/run/vhostd/control.sock"
     metrics_listen = "127.0.0.1:9464"
+    workers = 2                     # ring worker threads [default: one per CPU]
+    cpu_affinity = [0, 1]           # pin worker i to the i-th CPU of the list
 
     [devices.disk0]
     type = "blk"
@@ -29,6 +31,8 @@ from typing import Any
 
 from vhostd.devices.blk import MAX_QUEUES, SERIAL_BYTES, Engine
 from vhostd.devices.net import MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU, parse_mac
+from vhostd.native import MAX_WORKERS
+from vhostd.scheduler import SchedulerConfig
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -84,6 +88,11 @@ DeviceConfig = BlkConfig | NetConfig
 class DaemonConfig:
     control_socket: Path | None = None
     metrics_listen: tuple[str, int] | None = None
+    workers: int = 0                       # 0: one per CPU of cpu_affinity or of the affinity mask
+    cpu_affinity: tuple[int, ...] = ()
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(workers=self.workers, cpus=self.cpu_affinity)
 
 
 @dataclass(frozen=True)
@@ -149,11 +158,15 @@ def _endpoint(t: _Table) -> Endpoint:
                     socket_group=t.get("socket_group", str))
 
 
-def _workers(t: _Table) -> Workers:
+def _cpus(t: _Table) -> tuple[int, ...]:
     cpus = t.get("cpu_affinity", list, [])
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus):
         raise t.error("cpu_affinity", f"{cpus!r} is not a list of CPU numbers")
-    return Workers(poll_us=t.int_in("poll_us", 0, 1000, 0) or 0, cpu_affinity=tuple(cpus))
+    return tuple(cpus)
+
+
+def _workers(t: _Table) -> Workers:
+    return Workers(poll_us=t.int_in("poll_us", 0, 1000, 0) or 0, cpu_affinity=_cpus(t))
 
 
 def _blk(name: str, t: _Table) -> BlkConfig:
@@ -206,7 +219,9 @@ def parse(data: Mapping[str, Any], source: str) -> Config:
     daemon_t = _Table(f"{source}: daemon", top.get("daemon", dict, {}))
     control = daemon_t.get("control_socket", str)
     daemon = DaemonConfig(control_socket=Path(control) if control else None,
-                          metrics_listen=_listen_addr(daemon_t))
+                          metrics_listen=_listen_addr(daemon_t),
+                          workers=daemon_t.int_in("workers", 1, MAX_WORKERS, None) or 0,
+                          cpu_affinity=_cpus(daemon_t))
     daemon_t.check_unknown()
     devices: list[DeviceConfig] = []
     for name, table in top.get("devices", dict, {}).items():
@@ -223,6 +238,7 @@ def parse(data: Mapping[str, Any], source: str) -> Config:
         t.check_unknown()
     top.check_unknown()
     _check_unique(devices, source)
+    _check_affinity(daemon, devices, source)
     return Config(daemon=daemon, devices=tuple(devices), source=source)
 
 
@@ -235,6 +251,22 @@ def _check_unique(devices: list[DeviceConfig], source: str) -> None:
         if other != d.name:
             raise ConfigError(f"{source}: devices.{d.name}.socket: {d.endpoint.socket} "
                               f"is also the socket of devices.{other}")
+
+
+def _check_affinity(daemon: DaemonConfig, devices: list[DeviceConfig], source: str) -> None:
+    """A device's rings run on the daemon's shared workers: it can only ask
+    for workers pinned to CPUs the daemon pins them to."""
+    for d in devices:
+        cpus = d.workers.cpu_affinity
+        if not cpus:
+            continue
+        where = f"{source}: devices.{d.name}.cpu_affinity"
+        if not daemon.cpu_affinity:
+            raise ConfigError(f"{where}: needs [daemon] cpu_affinity (the CPUs the shared workers are pinned to)")
+        outside = sorted(set(cpus) - set(daemon.cpu_affinity))
+        if outside:
+            raise ConfigError(f"{where}: CPU {outside[0]} is not in [daemon] cpu_affinity "
+                              f"{list(daemon.cpu_affinity)}")
 
 
 def load(path: Path) -> Config:

@@ -32,6 +32,7 @@ from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.devices.net import NetDevice, NetOptions
 from vhostd.protocol.channel import Channel
 from vhostd.protocol.session import Session
+from vhostd.scheduler import Scheduler
 from vhostd.vring import WorkerOptions
 
 log = logging.getLogger("vhostd")
@@ -111,9 +112,10 @@ def _remove_stale_socket(path: Path) -> None:
 class DeviceServer:
     """Accepts front-ends for one device, one at a time."""
 
-    def __init__(self, device: Device, listener: Listener) -> None:
+    def __init__(self, device: Device, listener: Listener, scheduler: Scheduler) -> None:
         self.device = device
         self.listener = listener
+        self.scheduler = scheduler
         self.session: Session | None = None
         self._conn: trio.socket.SocketType | None = None
         self.connections = 0
@@ -137,7 +139,7 @@ class DeviceServer:
                     continue
                 self.connections += 1
                 self._conn = conn
-                self.session = Session(self.device, Channel(conn))
+                self.session = Session(self.device, Channel(conn), self.scheduler)
                 log.info("%s: front-end connected on %s", self.device.name, self.listener.describe())
                 nursery.start_soon(self._run_session, self.session, conn)
 
@@ -163,7 +165,7 @@ class DeviceServer:
             delay, waiting_logged = RECONNECT_MIN_S, False
             self.connections += 1
             self._conn = conn
-            self.session = Session(self.device, Channel(conn))
+            self.session = Session(self.device, Channel(conn), self.scheduler)
             log.info("%s: connected to the front-end at %s", self.device.name, path)
             await self._run_session(self.session, conn)
 
@@ -237,6 +239,7 @@ class Daemon:
         self.configs: dict[str, DeviceConfig] = {}
         self.failed: dict[str, str] = {}
         self.inherited = systemd.listen_fds()
+        self.scheduler: Scheduler | None = None
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
 
@@ -244,6 +247,12 @@ class Daemon:
 
     async def run(self) -> None:
         """Until SIGTERM/SIGINT; SIGHUP reloads the configuration file."""
+        try:
+            self.scheduler = Scheduler(self.config.daemon.scheduler())
+        except OSError as e:
+            raise DaemonError(f"cannot start the ring workers: {e}") from None
+        log.info("%d ring worker(s)%s", self.scheduler.workers,
+                 f" pinned to CPUs {list(self.config.daemon.cpu_affinity)}" if self.config.daemon.cpu_affinity else "")
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -266,6 +275,7 @@ class Daemon:
                     self.on_ready(self)
         finally:
             systemd.notify("STOPPING=1")
+            self.scheduler.close()   # every session closed (shielded): no ring is attached
 
     async def _start_device(self, cfg: DeviceConfig) -> bool:
         assert self._nursery is not None
@@ -279,7 +289,8 @@ class Daemon:
         except OSError as e:
             device.close()
             return self._fail(cfg, f"cannot listen on {listener.describe()}: {e}")
-        server = DeviceServer(device, listener)
+        assert self.scheduler is not None
+        server = DeviceServer(device, listener, self.scheduler)
         self.servers[cfg.name] = server
         self.configs[cfg.name] = cfg
         self.failed.pop(cfg.name, None)
@@ -386,6 +397,7 @@ class Daemon:
         return {
             "devices": [server.status() for _, server in sorted(self.servers.items())],
             "failed": dict(self.failed),
+            "workers": self.scheduler.status() if self.scheduler else [],
         }
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
