@@ -16,7 +16,7 @@ from unavailable import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ["vhostd-blk@.service", "vhostd-net@.service", "vhostd.service",
-         "vhostd-blk@.socket", "vhostd-net@.socket", "vhostd.socket"]
+         "vhostd-blk@.socket", "vhostd-net@.socket", "vhostd@.socket"]
 
 
 @pytest.mark.parametrize("unit", UNITS)

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ import trio
 from vhostd import config as config_mod
 from vhostd import control
 from vhostd.config import BlkConfig, Config, DaemonConfig, DeviceConfig, Endpoint, NetConfig, Workers
-from vhostd.daemon import Daemon, DaemonError
+from vhostd.daemon import RELOAD_REFUSED, Daemon, DaemonError
 from vhostd.devices.blk import MAX_QUEUES, Engine
 from vhostd.devices.net import MAX_QUEUE_PAIRS, parse_mac
 from vhostd.native import MAX_WORKERS
@@ -385,13 +386,40 @@ def top(control_path: Path | None, interval: float, count: int) -> None:
             time.sleep(interval)
 
 
+def _control_named_in(path: Path) -> Path:
+    """[daemon] control_socket of a configuration file, read without
+    validating the devices (reload is where the daemon validates them)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise click.ClickException(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise click.ClickException(f"{path}: not valid TOML: {e}; the daemon keeps its "
+                                   f"configuration") from None
+    daemon = data.get("daemon")
+    control_socket = daemon.get("control_socket") if isinstance(daemon, dict) else None
+    if not isinstance(control_socket, str):
+        raise click.ClickException(f"{path}: no [daemon] control_socket: vhostd reload needs one "
+                                   f"(or send the daemon SIGHUP)")
+    return Path(control_socket)
+
+
 @main.command()
 @control_option
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Use the control socket this configuration file names (what the unit's "
+                   "ExecReload does).")
 @click.option("--force", is_flag=True, help="Also stop removed devices that have a front-end attached.")
-def reload(control_path: Path | None, force: bool) -> None:
-    """Apply the daemon's configuration file again (like SIGHUP)."""
-    for line in _request(control_path, "reload", force=force)["report"]:
+def reload(control_path: Path | None, config_path: Path | None, force: bool) -> None:
+    """Apply the daemon's configuration file again (like SIGHUP), print what
+    changed, and exit non-zero if the daemon refused the file."""
+    if control_path is None and config_path is not None:
+        control_path = _control_named_in(config_path)
+    report = _request(control_path, "reload", force=force)["report"]
+    for line in report:
         click.echo(line)
+    if any(line.startswith(RELOAD_REFUSED) for line in report):
+        sys.exit(1)
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -418,6 +446,11 @@ def format_status(st: dict[str, Any]) -> str:
             out.append(f"  pair {i}: " + " ".join(f"{k}={v}" for k, v in pair.items()))
     for name, reason in st.get("failed", {}).items():
         out.append(f"{name}: FAILED: {reason}")
+    for setting, ep in st.get("endpoints", {}).items():
+        if ep["error"]:
+            out.append(f"{setting} {ep['address']}: FAILED: {ep['error']}")
+    for line in st.get("unused_sockets", []):
+        out.append(f"UNUSED: {line}")
     return "\n".join(out)
 
 

@@ -27,15 +27,26 @@ class ControlError(Exception):
     pass
 
 
-async def serve(path: Path, handler: Handler) -> None:
-    """Listens on path until cancelled; removes the socket file afterwards."""
+def listen(path: Path) -> trio.socket.SocketType:
+    """Binds the control socket (mode 0600 before anyone can connect); raises
+    OSError, for the daemon to report."""
     if path.is_socket():
         path.unlink()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        await sock.bind(str(path))
+        sock.bind(str(path))
         os.chmod(path, 0o600)
         sock.listen(8)
+    except OSError:
+        sock.close()
+        raise
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def serve(sock: trio.socket.SocketType, path: Path, handler: Handler) -> None:
+    """Answers requests on a socket from listen() until cancelled; removes
+    the socket file afterwards."""
+    try:
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await sock.accept()
@@ -79,13 +90,20 @@ def request(path: Path, command: str, timeout: float = 10.0, **args: Any) -> dic
             raise ControlError(f"{path}: no control socket (is vhostd serve running?)") from None
         except ConnectionRefusedError:
             raise ControlError(f"{path}: nobody is listening (stale socket?)") from None
-        s.sendall((json.dumps({"command": command, **args}) + "\n").encode())
+        except OSError as e:
+            raise ControlError(f"{path}: {e.strerror or e}") from None
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+        try:
+            s.sendall((json.dumps({"command": command, **args}) + "\n").encode())
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise ControlError(f"{path}: no reply within {timeout:g} s") from None
+        except OSError as e:
+            raise ControlError(f"{path}: {e.strerror or e}") from None
     try:
         reply = json.loads(buf)
     except ValueError:

@@ -11,6 +11,7 @@ files vhostd created are removed.
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import trio
 
 from vhostd import config as config_mod
-from vhostd import control, metrics, systemd
+from vhostd import activation, control, metrics, systemd
 from vhostd.config import BlkConfig, Config, DeviceConfig
 from vhostd.devices.base import Device
 from vhostd.devices.blk import BlkDevice, BlkOptions
@@ -40,6 +41,7 @@ log = logging.getLogger("vhostd")
 # --client: first retry after 50 ms, doubling up to 1 s between attempts.
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 1.0
+RELOAD_REFUSED = "reload refused, configuration unchanged"
 
 
 @dataclass
@@ -48,8 +50,9 @@ class Listener:
     listening fd, or (client) a path where the front-end listens."""
 
     socket_path: Path | None = None
-    fd: int | None = None
+    fd: int | None = None        # inherited: kept open by the daemon, the listener uses a dup
     client: bool = False
+    inherited_path: Path | None = None   # where an inherited fd listens (for logs and status)
     group: int | None = None     # --socket-group: mode 0660 with this group, else 0600
     sock: trio.socket.SocketType | None = field(default=None, repr=False)
 
@@ -57,10 +60,10 @@ class Listener:
         if self.client:
             return   # nothing to bind: DeviceServer connects (and reconnects)
         if self.fd is not None:
-            s = socket.socket(fileno=self.fd)
+            s = socket.socket(fileno=os.dup(self.fd))
             if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
-                s.detach()
-                raise OSError(f"fd {self.fd} is not a Unix stream socket")
+                s.close()
+                raise OSError(errno.EINVAL, f"fd {self.fd} is not a Unix stream socket")
             self.sock = trio.socket.from_stdlib_socket(s)
             return
         assert self.socket_path is not None
@@ -96,7 +99,9 @@ class Listener:
     def describe(self) -> str:
         if self.client:
             return f"{self.socket_path} (client)"
-        return str(self.socket_path) if self.socket_path is not None else f"fd {self.fd}"
+        if self.socket_path is not None:
+            return str(self.socket_path)
+        return f"fd {self.fd}" + (f" ({self.inherited_path})" if self.inherited_path else "")
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -105,7 +110,7 @@ def _remove_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(f"{path} exists and is not a socket")
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     path.unlink()
 
 
@@ -214,16 +219,33 @@ def build_device(cfg: DeviceConfig) -> Device:
                                           mac=cfg.mac, bridge=cfg.bridge), workers)
 
 
-def _listener(cfg: DeviceConfig, inherited: dict[str, int], only_device: bool) -> Listener:
+def _listener(cfg: DeviceConfig, inherited: activation.InheritedFd | None) -> Listener:
     ep = cfg.endpoint
     if ep.fd is not None:
         return Listener(fd=ep.fd)
-    if cfg.name in inherited:   # socket activation: matched by FileDescriptorName=
-        return Listener(fd=inherited[cfg.name])
-    if only_device and len(inherited) == 1:   # vhostd-blk@.socket: one device, one socket
-        return Listener(fd=next(iter(inherited.values())))
-    gid = grp.getgrnam(ep.socket_group).gr_gid if ep.socket_group else None
+    if inherited is not None:   # socket activation: matched by FileDescriptorName=
+        return Listener(fd=inherited.fd, inherited_path=inherited.path)
+    gid = None
+    if ep.socket_group:
+        try:
+            gid = grp.getgrnam(ep.socket_group).gr_gid
+        except KeyError:
+            raise ValueError(f"socket_group {ep.socket_group!r}: no such group") from None
     return Listener(socket_path=ep.socket, client=ep.client, group=gid)
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError as the operator should read it: no "[Errno N]"."""
+    if isinstance(e, socket.gaierror):
+        return str(e.strerror or e)
+    if e.errno == errno.EAFNOSUPPORT:
+        return ("address family not allowed (under systemd: RestrictAddressFamilies= must "
+                "allow it, e.g. AF_INET AF_INET6 for a TCP endpoint)")
+    if e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    if e.strerror:
+        return e.strerror
+    return str(e.args[-1]) if e.args else type(e).__name__
 
 
 class Daemon:
@@ -238,15 +260,23 @@ class Daemon:
         self.servers: dict[str, DeviceServer] = {}
         self.configs: dict[str, DeviceConfig] = {}
         self.failed: dict[str, str] = {}
-        self.inherited = systemd.listen_fds()
         self.scheduler: Scheduler | None = None
+        self.inherited = activation.inspect(systemd.listen_fds())
+        self.activation = activation.match(config.devices, self.inherited)
+        # daemon endpoints (control socket, metrics): setting -> address, and
+        # the reason for each that could not open (the devices run regardless)
+        self.endpoints: dict[str, str] = {}
+        self.endpoint_errors: dict[str, str] = {}
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
 
     # --- lifecycle -------------------------------------------------------------
 
     async def run(self) -> None:
-        """Until SIGTERM/SIGINT; SIGHUP reloads the configuration file."""
+        """Until SIGTERM/SIGINT; SIGHUP reloads the configuration file.
+        Raises DaemonError, before READY=1, when devices are configured and
+        none of them could start."""
+        nothing_started = False
         try:
             self.scheduler = Scheduler(self.config.daemon.scheduler())
         except OSError as e:
@@ -256,39 +286,76 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                for line in self.activation.warnings:
+                    log.warning("%s", line)
+                for line in self.activation.unused:
+                    log.error("%s", line)
                 for cfg in self.config.devices:
                     await self._start_device(cfg)
-                if not self.servers:
-                    raise DaemonError("no device could be started: " + "; ".join(
-                        f"{n}: {r}" for n, r in self.failed.items()))
-                nursery.start_soon(self._signals, nursery.cancel_scope)
-                if self.config.daemon.control_socket is not None:
-                    nursery.start_soon(control.serve, self.config.daemon.control_socket, self._control)
-                if self.config.daemon.metrics_listen is not None:
-                    host, port = self.config.daemon.metrics_listen
-                    await nursery.start(metrics.serve, host, port, self.status)
-                    log.info("metrics on http://%s:%d/metrics", host, port)
-                if (interval := systemd.watchdog_interval()) is not None:
-                    nursery.start_soon(self._watchdog, interval)
-                systemd.notify("READY=1", f"STATUS={self._status_line()}")
-                if self.on_ready is not None:
-                    self.on_ready(self)
+                if self.config.devices and not self.servers:
+                    nothing_started = True
+                    nursery.cancel_scope.cancel()
+                else:
+                    nursery.start_soon(self._signals, nursery.cancel_scope)
+                    await self._open_endpoints(nursery)
+                    if (interval := systemd.watchdog_interval()) is not None:
+                        nursery.start_soon(self._watchdog, interval)
+                    systemd.notify("READY=1", f"STATUS={self._status_line()}")
+                    if self.on_ready is not None:
+                        self.on_ready(self)
         finally:
             systemd.notify("STOPPING=1")
             self.scheduler.close()   # every session closed (shielded): no ring is attached
+        if nothing_started:
+            raise DaemonError("no device could be started: " + "; ".join(
+                f"{n}: {r}" for n, r in self.failed.items()))
+
+    async def _open_endpoints(self, nursery: trio.Nursery) -> None:
+        """The control socket and the metrics endpoint.  One that cannot open
+        is one log line naming the setting and the reason, and shows in
+        status (and systemd's STATUS=); the devices are served regardless."""
+        d = self.config.daemon
+        if d.control_socket is not None:
+            where = str(d.control_socket)
+            self.endpoints["control_socket"] = where
+            try:
+                sock = control.listen(d.control_socket)
+            except OSError as e:
+                self._endpoint_failed("control_socket", where, e)
+            else:
+                nursery.start_soon(control.serve, sock, d.control_socket, self._control)
+        if d.metrics_listen is not None:
+            host, port = d.metrics_listen
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self.endpoints["metrics_listen"] = where
+            try:
+                listeners = await metrics.listen(host, port)
+            except OSError as e:
+                self._endpoint_failed("metrics_listen", where, e)
+            else:
+                nursery.start_soon(metrics.serve, listeners, self.status)
+                log.info("metrics on http://%s/metrics", where)
+
+    def _endpoint_failed(self, setting: str, where: str, e: OSError) -> None:
+        reason = os_reason(e)
+        self.endpoint_errors[setting] = reason
+        log.error("%s %s: cannot listen: %s; devices are served without it", setting, where, reason)
 
     async def _start_device(self, cfg: DeviceConfig) -> bool:
         assert self._nursery is not None
+        if cfg.name in self.activation.errors:
+            return self._fail(cfg, self.activation.errors[cfg.name])
         try:
+            listener = _listener(cfg, self.activation.fds.get(cfg.name))
             device = build_device(cfg)
         except (ValueError, OSError) as e:
-            return self._fail(cfg, f"cannot start: {e}")
-        listener = _listener(cfg, self.inherited, len(self.config.devices) == 1)
+            reason = os_reason(e) if isinstance(e, OSError) else str(e)
+            return self._fail(cfg, f"cannot start: {reason}")
         try:
             listener.open()
         except OSError as e:
             device.close()
-            return self._fail(cfg, f"cannot listen on {listener.describe()}: {e}")
+            return self._fail(cfg, f"cannot listen on {listener.describe()}: {os_reason(e)}")
         assert self.scheduler is not None
         server = DeviceServer(device, listener, self.scheduler)
         self.servers[cfg.name] = server
@@ -355,9 +422,11 @@ class Daemon:
         try:
             new = config_mod.load(self.config_path)
         except config_mod.ConfigError as e:
-            return self._report([f"reload refused, configuration unchanged: {e}"])
+            return self._report([f"{RELOAD_REFUSED}: {e}"])
         report: list[str] = []
         wanted = {d.name: d for d in new.devices}
+        # Added devices may take sockets systemd passed (kept open for them).
+        self.activation = activation.match(new.devices, self.inherited)
         for name in list(self.configs):
             if name in wanted:
                 continue
@@ -391,13 +460,17 @@ class Daemon:
     def _status_line(self) -> str:
         attached = sum(1 for s in self.servers.values() if s.session is not None)
         line = f"serving {len(self.servers)} device(s), {attached} with a front-end"
-        return line + (f", {len(self.failed)} failed" if self.failed else "")
+        line += f", {len(self.failed)} failed" if self.failed else ""
+        return line + "".join(f", {k} failed" for k in self.endpoint_errors)
 
     def status(self) -> dict[str, Any]:
         return {
             "devices": [server.status() for _, server in sorted(self.servers.items())],
             "failed": dict(self.failed),
             "workers": self.scheduler.status() if self.scheduler else [],
+            "endpoints": {k: {"address": v, "error": self.endpoint_errors.get(k)}
+                          for k, v in self.endpoints.items()},
+            "unused_sockets": list(self.activation.unused),
         }
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -71,10 +71,12 @@ def exposition(status: StatusFn) -> bytes:
     return bytes(generate_latest(registry))
 
 
-async def serve(host: str, port: int, status: StatusFn,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    task_status.started()
+async def listen(host: str, port: int) -> list[trio.SocketListener]:
+    """Opens the endpoint; raises OSError, for the daemon to report."""
+    return await trio.open_tcp_listeners(port, host=host)
+
+
+async def serve(listeners: list[trio.SocketListener], status: StatusFn) -> None:
     await trio.serve_listeners(lambda stream: _handle(stream, status), listeners)
 
 

@@ -36,21 +36,22 @@ def watchdog_interval() -> float | None:
     return int(usec) / 1e6 / 2
 
 
-def listen_fds() -> dict[str, int]:
-    """Sockets passed by socket activation, by FileDescriptorName= (a socket
-    without a name is keyed by its position, "0", "1", ...).  The variables
-    are removed so child processes do not inherit them."""
+def listen_fds() -> list[tuple[str, int]]:
+    """Sockets passed by socket activation, in order, as (FileDescriptorName=,
+    fd); a socket without a name is named by its position, "0", "1", ...
+    Names may repeat (every fd of one .socket unit has the unit's name).
+    The variables are removed so child processes do not inherit them."""
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
     names = os.environ.get("LISTEN_FDNAMES", "")
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)
     if not count or not count.isdigit() or pid != str(os.getpid()):
-        return {}
+        return []
     name_list = names.split(":") if names else []
-    fds: dict[str, int] = {}
+    fds: list[tuple[str, int]] = []
     for i in range(int(count)):
         fd = SD_LISTEN_FDS_START + i
         fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
         name = name_list[i] if i < len(name_list) and name_list[i] not in ("", "unknown") else str(i)
-        fds[name] = fd
+        fds.append((name, fd))
     return fds

@@ -35,9 +35,10 @@ COMMON_FEATURES = (
     | bit(VirtioFeature.RING_EVENT_IDX)
     | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
 )
-COMMON_PROTOCOL_FEATURES = (
-    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
-)
+# Offered by every device; each adds only what it uses (QEMU warns on every
+# start about a protocol feature its device type has no use for, e.g. CONFIG
+# on net: QEMU's virtio-net reads no config space from the back-end).
+COMMON_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
 
 
 class Device(abc.ABC):

@@ -125,8 +125,10 @@ class BlkDevice(Device):
         return f
 
     def protocol_features(self) -> int:
-        # Requests in flight survive a restart of vhostd (the front-end keeps the buffer).
-        return COMMON_PROTOCOL_FEATURES | bit(ProtocolFeature.INFLIGHT_SHMFD)
+        # CONFIG: QEMU's vhost-user-blk reads capacity, queues etc. with GET_CONFIG.
+        # INFLIGHT_SHMFD: requests in flight survive a restart of vhostd (the
+        # front-end keeps the buffer).
+        return COMMON_PROTOCOL_FEATURES | bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.INFLIGHT_SHMFD)
 
     def config(self) -> bytes:
         """struct virtio_blk_config up to num_queues (later fields stay zero)."""
