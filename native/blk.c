@@ -42,22 +42,33 @@ void vhd_blk_free(vhd_blk *blk)
     free(blk);
 }
 
-/* preadv/pwritev until all len bytes moved; short transfers advance iov. */
-static int rw_full(int fd, struct iovec *iov, int n, uint64_t off, size_t len, bool write)
+/* preadv/pwritev until the whole request moved, from where it stands. */
+static int rw_full(int fd, vhd_vring *vr, struct vhd_blk_req *r)
 {
-    while (len > 0) {
-        ssize_t r = write ? pwritev(fd, iov, n, (off_t)off) : preadv(fd, iov, n, (off_t)off);
-        if (r < 0 && errno == EINTR)
+    bool write = r->op == VHD_BLK_OP_WRITE;
+    while (r->moved < r->len) {
+        off_t off = (off_t)(r->offset + r->moved);
+        ssize_t n = write ? pwritev(fd, r->iov, r->niov, off) : preadv(fd, r->iov, r->niov, off);
+        if (n < 0 && errno == EINTR)
             continue;
-        if (r < 0)
+        if (n < 0)
             return -errno;
-        if (r == 0)
+        if (n == 0)
             return -EIO;   /* EOF: the file shrank under us */
-        off += (uint64_t)r;
-        len -= (size_t)r;
-        n = vhd_iov_skip(iov, n, (size_t)r);
+        vhd_blk_advance(vr, r, (size_t)n);
     }
     return 0;
+}
+
+/* Moves past bytes transferred by a short read or write.  A read's bytes are
+ * in guest memory now: they are logged before their iovecs are dropped (the
+ * rest is logged when the request completes). */
+void vhd_blk_advance(vhd_vring *vr, struct vhd_blk_req *r, size_t bytes)
+{
+    if (r->op == VHD_BLK_OP_READ)
+        vhd_vring_log_iov(vr, r->iov, r->niov, bytes);
+    r->niov = vhd_iov_skip(r->iov, r->niov, bytes);
+    r->moved += bytes;
 }
 
 static bool in_range(const vhd_blk *blk, uint64_t sector, uint64_t bytes)
@@ -81,8 +92,16 @@ void vhd_blk_complete(vhd_vring *vr, struct vhd_blk_req *r, uint8_t status)
     } else {
         vr->stats.errors++;
     }
-    if (r->status)
+    /* What is left of a read's buffers; a failed read may still have
+     * written part of them. */
+    if (r->op == VHD_BLK_OP_READ)
+        vhd_vring_log_iov(vr, r->iov, r->niov, r->len - r->moved);
+    else if (status == VIRTIO_BLK_S_OK && r->done_len > 0)
+        vhd_vring_log_iov(vr, r->iov, r->niov, r->done_len);
+    if (r->status) {
         __atomic_store_n(r->status, status, __ATOMIC_RELAXED);
+        vhd_vring_log_hva(vr, r->status, 1);
+    }
     vhd_vring_push(vr, r->head, used_len);
 }
 
@@ -135,6 +154,8 @@ void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *
         r->op = VHD_BLK_OP_FLUSH;
         return;
     case VIRTIO_BLK_T_GET_ID:
+        r->iov = in;
+        r->niov = n_in;
         r->done_len = (uint32_t)vhd_buf_to_iov(in, n_in, blk->serial,
                                                in_data < VIRTIO_BLK_ID_BYTES ? in_data : VIRTIO_BLK_ID_BYTES);
         r->result = VIRTIO_BLK_S_OK;
@@ -147,16 +168,15 @@ void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *
 
 /* Synchronous execution (the sync engine, and O_DIRECT's fallback for
  * buffers the kernel refuses to DMA into). */
-uint8_t vhd_blk_execute_sync(const vhd_blk *blk, struct vhd_blk_req *r)
+uint8_t vhd_blk_execute_sync(const vhd_blk *blk, vhd_vring *vr, struct vhd_blk_req *r)
 {
     switch (r->op) {
     case VHD_BLK_OP_READ:
     case VHD_BLK_OP_WRITE:
     {
-        bool write = r->op == VHD_BLK_OP_WRITE;
-        int rc = rw_full(blk->fd, r->iov, r->niov, r->offset, r->len, write);
+        int rc = rw_full(blk->fd, vr, r);
         if (rc == -EINVAL && blk->fd != blk->buffered_fd)   /* O_DIRECT refused the buffers */
-            rc = rw_full(blk->buffered_fd, r->iov, r->niov, r->offset, r->len, write);
+            rc = rw_full(blk->buffered_fd, vr, r);
         return rc == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
     }
     case VHD_BLK_OP_FLUSH:
@@ -171,7 +191,7 @@ int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *c)
     struct vhd_blk_req r;
     vr->stats.requests++;
     vhd_blk_parse(blk, c, &r);
-    uint8_t status = vhd_blk_execute_sync(blk, &r);
+    uint8_t status = vhd_blk_execute_sync(blk, vr, &r);
     vhd_blk_complete(vr, &r, status);
     return status;
 }

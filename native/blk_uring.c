@@ -21,7 +21,6 @@
 struct slot {
     struct vhd_chain chain;       /* the request's iovecs point into this */
     struct vhd_blk_req req;
-    size_t done;                  /* bytes transferred so far (short I/O) */
 };
 
 struct vhd_blk_queue {
@@ -107,10 +106,10 @@ static void prep(vhd_blk_queue *q, uint32_t n)
     struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);   /* never NULL: depth slots, depth SQEs */
     switch (s->req.op) {
     case VHD_BLK_OP_READ:
-        io_uring_prep_readv(sqe, q->blk->fd, s->req.iov, (unsigned)s->req.niov, s->req.offset + s->done);
+        io_uring_prep_readv(sqe, q->blk->fd, s->req.iov, (unsigned)s->req.niov, s->req.offset + s->req.moved);
         break;
     case VHD_BLK_OP_WRITE:
-        io_uring_prep_writev(sqe, q->blk->fd, s->req.iov, (unsigned)s->req.niov, s->req.offset + s->done);
+        io_uring_prep_writev(sqe, q->blk->fd, s->req.iov, (unsigned)s->req.niov, s->req.offset + s->req.moved);
         break;
     default:
         io_uring_prep_fsync(sqe, q->blk->fd, IORING_FSYNC_DATASYNC);
@@ -132,13 +131,12 @@ static bool finish(vhd_blk_queue *q, vhd_vring *vr, uint32_t n, int res)
     uint8_t status = VIRTIO_BLK_S_OK;
     if (r->op == VHD_BLK_OP_FLUSH) {
         status = res < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
-    } else if (res == -EINVAL && q->blk->fd != q->blk->buffered_fd && s->done == 0) {
-        status = vhd_blk_execute_sync(q->blk, r);   /* O_DIRECT refused these buffers */
+    } else if (res == -EINVAL && q->blk->fd != q->blk->buffered_fd && r->moved == 0) {
+        status = vhd_blk_execute_sync(q->blk, vr, r);   /* O_DIRECT refused these buffers */
     } else if (res <= 0) {
         status = VIRTIO_BLK_S_IOERR;   /* error, or EOF: the file shrank */
-    } else if ((size_t)res < r->len - s->done) {
-        s->done += (size_t)res;
-        r->niov = vhd_iov_skip(r->iov, r->niov, (size_t)res);
+    } else if ((size_t)res < r->len - r->moved) {
+        vhd_blk_advance(vr, r, (size_t)res);
         return true;
     }
     vhd_blk_complete(vr, r, status);
@@ -182,8 +180,7 @@ static bool try_inline(vhd_blk_queue *q, vhd_vring *vr, uint32_t n)
     if (res <= 0)
         return false;
     if ((size_t)res < r->len) {
-        s->done = (size_t)res;
-        r->niov = vhd_iov_skip(r->iov, r->niov, (size_t)res);
+        vhd_blk_advance(vr, r, (size_t)res);
         return false;
     }
     vhd_blk_complete(vr, r, VIRTIO_BLK_S_OK);
@@ -211,7 +208,6 @@ static int submit(vhd_blk_queue *q, vhd_vring *vr)
             release(q, n);
             continue;
         }
-        s->done = 0;
         if (s->req.len == 0 && s->req.op != VHD_BLK_OP_FLUSH) {
             vhd_blk_complete(vr, &s->req, VIRTIO_BLK_S_OK);   /* nothing to move */
             release(q, n);

@@ -4,13 +4,19 @@ setuptools runs this at package build time (``cffi_modules`` in
 pyproject.toml / setup.py); nothing is compiled at import time.
 """
 
+import os
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["mem.c", "vring.c", "iov.c", "blk.c", "blk_uring.c", "net.c", "net_ctrl.c", "sched.c"]
+SOURCES = ["mem.c", "vring.c", "iov.c", "log.c", "blk.c", "blk_uring.c", "net.c", "net_ctrl.c", "sched.c"]
 CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]
+# The test suite's build (./dev setup) compiles in hooks that break things on
+# purpose, to show that the tests catch it (e.g. a dirty log that drops
+# writes); a package build never has them.
+if os.environ.get("VHOSTD_TEST_HOOKS") == "1":
+    CFLAGS.append("-DVHD_TEST_HOOKS")
 
 ffibuilder = FFI()
 ffibuilder.cdef(

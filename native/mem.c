@@ -98,6 +98,21 @@ void *vhd_mem_uva_to_hva(const vhd_mem *mem, uint64_t uva, uint64_t len)
     return NULL;
 }
 
+int vhd_mem_hva_to_gpa(const vhd_mem *mem, const void *hva, uint64_t *gpa, uint64_t *room)
+{
+    uintptr_t p = (uintptr_t)hva;
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        const struct vhd_mem_region *r = &mem->regions[i];
+        uintptr_t start = (uintptr_t)r->hva;
+        if (p >= start && p - start < r->size) {
+            *gpa = r->gpa + (p - start);
+            *room = r->size - (p - start);
+            return 0;
+        }
+    }
+    return -EFAULT;
+}
+
 static const struct vhd_mem_region *region_of(const vhd_mem *mem, uint64_t gpa)
 {
     for (uint32_t i = 0; i < mem->nregions; i++) {
@@ -131,12 +146,29 @@ int vhd_mem_gpa_to_iov(const vhd_mem *mem, uint64_t gpa, uint64_t len,
     return n;
 }
 
-void *vhd_map_shared(int fd, uint64_t size, uint64_t offset)
+void *vhd_map_shared(int fd, uint64_t size, uint64_t offset, int *err)
 {
+    *err = -EINVAL;
     if (size == 0 || offset + size < offset)
         return NULL;
+    /* As for guest memory: a page past the end of a file raises SIGBUS
+     * when a worker touches it, so the file must cover the whole range. */
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        *err = -errno;
+        return NULL;
+    }
+    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < offset + size) {
+        *err = -ERANGE;
+        return NULL;
+    }
     void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)offset);
-    return p == MAP_FAILED ? NULL : p;
+    if (p == MAP_FAILED) {
+        *err = -errno;
+        return NULL;
+    }
+    *err = 0;
+    return p;
 }
 
 void vhd_unmap(void *addr, uint64_t size)

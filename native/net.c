@@ -364,6 +364,7 @@ static bool rx_merge(vhd_vring *vr, const uint8_t *tail_src, size_t tail, uint16
             return false;
         }
         size_t k = vhd_buf_to_iov(c.iov, c.n_in, tail_src + off, tail - off);
+        vhd_vring_log_iov(vr, c.iov, c.n_in, k);
         heads[*used] = c.head;
         lens[*used] = (uint32_t)k;
         (*used)++;
@@ -483,6 +484,8 @@ static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
     if (net->hdr_len == NET_HDR_MAX)
         memcpy(net->rx_head + NUM_BUFFERS_OFFSET, &nbuf, sizeof(nbuf));
     vhd_buf_to_iov(guest, nseg, net->rx_head, len < head ? len : head);
+    /* Header, bytes we copied and bytes readv placed directly. */
+    vhd_vring_log_iov(vr, guest, nseg, len < cap ? len : cap);
     vhd_vring_push(vr, c->head, (uint32_t)(len < cap ? len : cap));
     for (int i = 0; i < extra; i++)
         vhd_vring_push(vr, heads[i], lens[i]);

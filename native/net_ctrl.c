@@ -129,6 +129,7 @@ static void ctrl_handler(void *ctx, vhd_vring *vr, struct vhd_chain *c)
     if (status != VIRTIO_NET_OK)
         vr->stats.errors++;
     __atomic_store_n(ack, status, __ATOMIC_RELAXED);
+    vhd_vring_log_hva(vr, ack, 1);
     vhd_vring_push(vr, c->head, 1);
 }
 

@@ -102,6 +102,9 @@ struct vhd_vring {
     uint32_t n_resubmit;
     uint32_t resubmit_pos;
     bool more;                 /* a drain stopped at its budget: run again */
+    vhd_log *log;              /* VHOST_F_LOG_ALL: where writes to guest memory are logged */
+    bool log_used;             /* VHOST_VRING_F_LOG: used ring writes too, at log_used_gpa */
+    uint64_t log_used_gpa;
     struct vhd_vring_stats stats;
 };
 
@@ -116,6 +119,28 @@ static inline void vhd_store16(uint16_t *p, uint16_t v)
 {
     __atomic_store_n(p, v, __ATOMIC_RELAXED);
 }
+
+/* Dirty logging of device writes into guest memory (log.c does the bits).
+ * Called after the write; free when logging is off. */
+void vhd_vring_log_hva_slow(vhd_vring *vr, const void *hva, size_t len);
+void vhd_vring_log_iov_slow(vhd_vring *vr, const struct iovec *iov, int n, size_t len);
+
+static inline void vhd_vring_log_hva(vhd_vring *vr, const void *hva, size_t len)
+{
+    if (__builtin_expect(vr->log != NULL, 0))
+        vhd_vring_log_hva_slow(vr, hva, len);
+}
+
+/* The first len bytes of iov[0..n). */
+static inline void vhd_vring_log_iov(vhd_vring *vr, const struct iovec *iov, int n, size_t len)
+{
+    if (__builtin_expect(vr->log != NULL, 0))
+        vhd_vring_log_iov_slow(vr, iov, n, len);
+}
+
+/* mem.c: the guest-physical address of a host address inside a region
+ * (the reverse of vhd_mem_gpa_to_iov, for the dirty log); 0 if found. */
+int vhd_mem_hva_to_gpa(const vhd_mem *mem, const void *hva, uint64_t *gpa, uint64_t *room);
 
 /* vring.c: the pop / handle / publish loop shared by the synchronous
  * back-ends.  handler pushes one used element per chain.  Publishes and
@@ -152,12 +177,14 @@ struct vhd_blk_req {
     uint32_t done_len;        /* data bytes written to guest memory on success */
     uint64_t offset;
     size_t len;
-    struct iovec *iov;        /* data segments (inside the chain) */
+    size_t moved;             /* data bytes transferred so far (short transfers) */
+    struct iovec *iov;        /* data segments not yet transferred (inside the chain) */
     int niov;
 };
 
 void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *r);
-uint8_t vhd_blk_execute_sync(const vhd_blk *blk, struct vhd_blk_req *r);
+uint8_t vhd_blk_execute_sync(const vhd_blk *blk, vhd_vring *vr, struct vhd_blk_req *r);
+void vhd_blk_advance(vhd_vring *vr, struct vhd_blk_req *r, size_t bytes);
 void vhd_blk_complete(vhd_vring *vr, struct vhd_blk_req *r, uint8_t status);
 
 /* iov.c */

@@ -50,6 +50,27 @@ int vhd_mem_gpa_to_iov(const vhd_mem *mem, uint64_t gpa, uint64_t len,
                        struct iovec *iov, int max);
 
 /* Split virtqueue. */
+/* Dirty-page log (live migration): a bitmap the front-end shares with
+ * SET_LOG_BASE, one bit per 4 KiB guest-physical page.  bits must stay
+ * mapped while any ring uses the log. */
+typedef struct vhd_log vhd_log;
+
+struct vhd_log_stats {
+    uint64_t pages;             /* page bits set (not distinct pages) */
+    uint64_t refused;           /* pages past the end of the bitmap: not logged */
+};
+
+vhd_log *vhd_log_new(void *bits, uint64_t size);
+void vhd_log_free(vhd_log *log);
+void vhd_log_stats_get(const vhd_log *log, struct vhd_log_stats *out);
+/* Bytes of bitmap that cover guest-physical addresses below gpa_end. */
+uint64_t vhd_log_size_for(uint64_t gpa_end);
+/* Sets the bits of every page of [gpa, gpa+len). */
+void vhd_log_write(vhd_log *log, uint64_t gpa, uint64_t len);
+/* Test builds only (VHD_TEST_HOOKS): make the log record nothing, to show
+ * that the migration tests detect a broken log.  Returns -1 elsewhere. */
+int vhd_log_set_drop(vhd_log *log, int drop);
+
 struct vhd_vring_config {
     uint32_t num;               /* ring size, power of two <= 32768 */
     uint64_t desc_uva;          /* front-end virtual addresses (SET_VRING_ADDR) */
@@ -62,14 +83,18 @@ struct vhd_vring_config {
     int err_fd;                 /* -1: no error notification */
     int broken_fd;              /* the daemon's eventfd, signalled too when the ring breaks */
     void *inflight;             /* this ring's VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD region, or NULL */
+    vhd_log *log;               /* VHOST_F_LOG_ALL: log every write to guest memory, else NULL */
+    int log_used;               /* VHOST_VRING_F_LOG: also log used ring writes ... */
+    uint64_t log_used_gpa;      /* ... at this guest-physical address (log_guest_addr) */
 };
 
 /* Size of one ring's inflight region (split ring layout of vhost-user.rst:
  * a 16-byte header and one 16-byte DescStateSplit per descriptor). */
 uint64_t vhd_inflight_queue_size(uint32_t queue_size);
-/* Maps size bytes of fd at offset (shared); NULL on failure.  The inflight
- * buffer: it must outlive the rings that use it. */
-void *vhd_map_shared(int fd, uint64_t size, uint64_t offset);
+/* Maps size bytes of fd at offset (shared); NULL and *err (-ERANGE: the
+ * file is shorter) on failure.  The inflight buffer and the dirty log:
+ * they must outlive the rings that use them. */
+void *vhd_map_shared(int fd, uint64_t size, uint64_t offset, int *err);
 void vhd_unmap(void *addr, uint64_t size);
 
 /* Counters written only by the ring's worker; read racily by the

@@ -153,6 +153,9 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     vr->call_fd = cfg->call_fd;
     vr->err_fd = cfg->err_fd;
     vr->broken_fd = cfg->broken_fd;
+    vr->log = cfg->log;
+    vr->log_used = cfg->log != NULL && cfg->log_used;
+    vr->log_used_gpa = cfg->log_used_gpa;
     if (bad_layout) {
         vhd_vring_set_broken(vr, VHD_ERR_LAYOUT);   /* the guest's doing: NEEDS_RESET, not a protocol error */
         return 0;
@@ -322,6 +325,42 @@ int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *c)
     return VHD_POP_OK;
 }
 
+/* Every pointer a device logs came from this ring's translation of guest
+ * addresses, so it lies in a region; one that does not is a bug, logged as
+ * refused rather than ignored. */
+void vhd_vring_log_hva_slow(vhd_vring *vr, const void *hva, size_t len)
+{
+    const uint8_t *p = hva;
+    while (len > 0) {
+        uint64_t gpa, room;
+        if (vhd_mem_hva_to_gpa(vr->mem, p, &gpa, &room) < 0) {
+            vhd_log_write(vr->log, UINT64_MAX, 1);   /* counted as refused */
+            return;
+        }
+        size_t n = room < len ? (size_t)room : len;
+        vhd_log_write(vr->log, gpa, n);
+        p += n;
+        len -= n;
+    }
+}
+
+void vhd_vring_log_iov_slow(vhd_vring *vr, const struct iovec *iov, int n, size_t len)
+{
+    for (int i = 0; i < n && len > 0; i++) {
+        size_t k = iov[i].iov_len < len ? iov[i].iov_len : len;
+        vhd_vring_log_hva_slow(vr, iov[i].iov_base, k);
+        len -= k;
+    }
+}
+
+/* Used ring writes are logged at log_guest_addr (SET_VRING_ADDR), which
+ * may differ from where our translation of the ring's address points. */
+static inline void log_used(vhd_vring *vr, const void *field, size_t len)
+{
+    if (__builtin_expect(vr->log_used, 0))
+        vhd_log_write(vr->log, vr->log_used_gpa + (uint64_t)((const uint8_t *)field - (const uint8_t *)vr->used), len);
+}
+
 void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len)
 {
     /* Resubmitted chains plus a full ring of new ones can exceed the list
@@ -334,6 +373,7 @@ void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len)
     struct vring_used_elem *e = &vr->used->ring[vr->used_idx & vr->mask];
     __atomic_store_n(&e->id, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n(&e->len, len, __ATOMIC_RELAXED);
+    log_used(vr, e, sizeof(*e));
     vr->used_idx++;
     if (vr->inflight)
         vr->unpublished[vr->n_unpublished++] = head;
@@ -380,6 +420,7 @@ void vhd_vring_flush(vhd_vring *vr)
     if (vr->published_idx == vr->used_idx)
         return;
     __atomic_store_n(&vr->used->idx, vr->used_idx, __ATOMIC_RELEASE);
+    log_used(vr, &vr->used->idx, sizeof(vr->used->idx));
     vr->published_idx = vr->used_idx;
     if (vr->inflight)
         inflight_published(vr);
@@ -410,20 +451,25 @@ void vhd_vring_disable_notify(vhd_vring *vr)
 {
     if (!vr->event_idx) {
         vhd_store16(&vr->used->flags, VRING_USED_F_NO_NOTIFY);
+        log_used(vr, &vr->used->flags, sizeof(uint16_t));
         return;
     }
     /* The driver kicks when its new avail idx passes avail_event: one
      * behind what we have seen means no publish of ours can trigger a kick
      * (vring_need_event is false for every new idx until it wraps). */
     vhd_store16(avail_event(vr), (uint16_t)(vr->last_avail_idx - 1));
+    log_used(vr, avail_event(vr), sizeof(uint16_t));
 }
 
 int vhd_vring_enable_notify(vhd_vring *vr)
 {
-    if (vr->event_idx)
+    if (vr->event_idx) {
         vhd_store16(avail_event(vr), vr->last_avail_idx);
-    else
+        log_used(vr, avail_event(vr), sizeof(uint16_t));
+    } else {
         vhd_store16(&vr->used->flags, 0);
+        log_used(vr, &vr->used->flags, sizeof(uint16_t));
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
 }

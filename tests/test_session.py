@@ -34,14 +34,16 @@ from vhostd.protocol.constants import (
     VirtioFeature,
     bit,
 )
-from vhostd.protocol.messages import Config, MemRegion, MemTable, U64, VringAddr, VringState
+from vhostd.protocol.messages import Config, LogBase, MemRegion, MemTable, U64, VringAddr, VringState
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
 V = int(HeaderFlag.VERSION)
-ALL_PROTOCOL = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+ALL_PROTOCOL = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+                | bit(ProtocolFeature.LOG_SHMFD))
 BLK_FEATURES = (bit(VirtioFeature.VERSION_1) | bit(VirtioFeature.RING_INDIRECT_DESC)
                 | bit(VirtioFeature.RING_EVENT_IDX) | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
+                | bit(VirtioFeature.LOG_ALL)
                 | bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE)
                 | bit(BlkFeature.FLUSH) | bit(BlkFeature.MQ))
 DaemonFactory = Callable[..., Daemon]
@@ -473,14 +475,33 @@ def truncated_payload(c: Ctx) -> None:
     c.fe.sock.shutdown(socket.SHUT_WR)   # the daemon sees EOF inside the payload
 
 
+def log_base_past_fd_end(c: Ctx) -> None:
+    c.fe.negotiate(~0, ~0)
+    c.fe.send(Request.SET_LOG_BASE, LogBase(1 << 17, 0).pack(), fds=[c.memfd(1 << 16)])
+
+
+def log_base_zero_size(c: Ctx) -> None:
+    c.fe.negotiate(~0, ~0)
+    c.fe.send(Request.SET_LOG_BASE, LogBase(0, 0).pack(), fds=[c.memfd()])
+
+
 MALFORMED: list[tuple[str, str, Callable[[Ctx], None]]] = [
     ("unknown_request", "request 99: unknown request", lambda c: send_raw(c.fe, 99)),
     ("bad_version", "VHOST_USER_GET_FEATURES: unsupported version in flags 0x2",
      lambda c: send_raw(c.fe, Request.GET_FEATURES, flags=2)),
     ("reply_flag", "VHOST_USER_GET_FEATURES: reply flag set on a request",
      lambda c: send_raw(c.fe, Request.GET_FEATURES, flags=V | 4)),
-    ("unsupported_set_log_base", "VHOST_USER_SET_LOG_BASE: request not supported",
-     lambda c: send_raw(c.fe, Request.SET_LOG_BASE, bytes(8))),
+    ("unsupported_set_vring_endian", "VHOST_USER_SET_VRING_ENDIAN: request not supported",
+     lambda c: send_raw(c.fe, Request.SET_VRING_ENDIAN, bytes(8))),
+    ("log_base_wrong_size", "VHOST_USER_SET_LOG_BASE: payload size 8 is invalid",
+     lambda c: send_raw(c.fe, Request.SET_LOG_BASE, bytes(8), fds=[c.memfd()])),
+    ("log_base_without_fd", "VHOST_USER_SET_LOG_BASE: carries 0 fds, expected 1",
+     lambda c: send_raw(c.fe, Request.SET_LOG_BASE, LogBase(4096, 0).pack())),
+    ("log_base_not_negotiated", "VHOST_USER_SET_LOG_BASE: LOG_SHMFD was not negotiated",
+     lambda c: send_raw(c.fe, Request.SET_LOG_BASE, LogBase(4096, 0).pack(), fds=[c.memfd()])),
+    ("log_base_past_fd_end", "VHOST_USER_SET_LOG_BASE: dirty log: cannot map 131072 bytes at offset 0: "
+     "past the end of the file", log_base_past_fd_end),
+    ("log_base_zero_size", "VHOST_USER_SET_LOG_BASE: log of 0 bytes", log_base_zero_size),
     ("wrong_size", "VHOST_USER_SET_FEATURES: payload size 4 is invalid",
      lambda c: send_raw(c.fe, Request.SET_FEATURES, bytes(4))),
     ("oversized_payload", "VHOST_USER_SET_FEATURES: payload size 5000 > 4096",
@@ -522,8 +543,8 @@ MALFORMED: list[tuple[str, str, Callable[[Ctx], None]]] = [
      lambda c: send_raw(c.fe, Request.GET_CONFIG, struct.pack("<III", 0, 4, 0) + bytes(8))),
     ("features_not_offered", "VHOST_USER_SET_FEATURES: features 0x8000000000000000 were not offered",
      lambda c: c.fe.send(Request.SET_FEATURES, U64(1 << 63).pack())),
-    ("protocol_features_not_offered", "VHOST_USER_SET_PROTOCOL_FEATURES: protocol features 0x2 were not offered",
-     lambda c: c.fe.send(Request.SET_PROTOCOL_FEATURES, U64(2).pack())),
+    ("protocol_features_not_offered", "VHOST_USER_SET_PROTOCOL_FEATURES: protocol features 0x4 were not offered",
+     lambda c: c.fe.send(Request.SET_PROTOCOL_FEATURES, U64(4).pack())),   # RARP: net only
     ("vring_num_not_power_of_two", "VHOST_USER_SET_VRING_NUM: ring 0: size 100 is not a power of two",
      lambda c: c.fe.send(Request.SET_VRING_NUM, VringState(0, 100).pack())),
     ("vring_num_too_big", "VHOST_USER_SET_VRING_NUM: ring 0: size 65536",

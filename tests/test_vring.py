@@ -729,8 +729,8 @@ def test_setup_rejects_misaligned_or_unmapped_rings(rig: Rig, field: str, delta:
     v = NativeVring()
     try:
         with pytest.raises(NativeError) as ei:
-            v.setup(rig.mem, num=rig.num, **addrs, last_avail_idx=0, event_idx=True, indirect=False,
-                    call_fd=-1, err_fd=-1)
+            v.setup(rig.mem, num=rig.num, desc=addrs["desc"], avail=addrs["avail"], used=addrs["used"],
+                    last_avail_idx=0, event_idx=True, indirect=False, call_fd=-1, err_fd=-1)
         assert ei.value.errno == err
     finally:
         v.close()

@@ -33,7 +33,7 @@ from vhostd.frontend import (
     GuestRam,
     RamRegion,
 )
-from vhostd.native import MemTable, NativeBlk, NativeVring
+from vhostd.native import MemTable, NativeBlk, NativeLog, NativeVring
 from vhostd.protocol.constants import Request
 
 SECTOR = 512
@@ -65,6 +65,46 @@ def open_fds() -> set[int]:
 
 
 # --- the native ring rig -----------------------------------------------------
+
+class DirtyBitmap:
+    """A front-end's dirty log (SET_LOG_BASE): a memfd bitmap, one bit per
+    4 KiB page, with ``slack`` bytes past the declared size to catch overruns."""
+
+    def __init__(self, size: int, slack: int = 4096) -> None:
+        import mmap
+        self.size = size
+        self.fd = os.memfd_create("vhostd-test-log", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size + slack)
+        self.map = mmap.mmap(self.fd, size + slack)
+
+    def native(self) -> NativeLog:
+        return NativeLog(self.fd, self.size, 0)
+
+    def pages(self) -> set[int]:
+        """The pages whose bits are set (within the declared size)."""
+        out: set[int] = set()
+        for i, b in enumerate(self.map[: self.size]):
+            if b:
+                out.update(i * 8 + k for k in range(8) if b >> k & 1)
+        return out
+
+    def take(self) -> set[int]:
+        """Pages set, then clears them (what QEMU's log sync does)."""
+        p = self.pages()
+        self.map[: self.size] = bytes(self.size)
+        return p
+
+    def beyond_is_clean(self) -> bool:
+        return not any(self.map[self.size:])
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+def pages_of(gpa: int, length: int) -> set[int]:
+    return set(range(gpa >> 12, ((gpa + length - 1) >> 12) + 1)) if length else set()
+
 
 class GuardedRam(GuestRam):
     """GuestRam whose regions sit inside bigger memfds, ``guard`` bytes of
@@ -141,12 +181,14 @@ class Rig:
         self.vring = NativeVring()
         self.setup(last_avail_idx)
 
-    def setup(self, last_avail_idx: int = 0) -> None:
+    def setup(self, last_avail_idx: int = 0, log: NativeLog | None = None,
+              log_used_gpa: int | None = None) -> None:
         ram, ring = self.ram, self.ring
         self.vring.setup(self.mem, num=self.num, desc=ram.gpa_to_uva(ring.desc),
                          avail=ram.gpa_to_uva(ring.avail), used=ram.gpa_to_uva(ring.used),
                          last_avail_idx=last_avail_idx, event_idx=self.event_idx,
-                         indirect=self.indirect, call_fd=ring.call_fd, err_fd=ring.err_fd)
+                         indirect=self.indirect, call_fd=ring.call_fd, err_fd=ring.err_fd,
+                         log=log, log_used_gpa=log_used_gpa)
 
     # --- driving --------------------------------------------------------------
 

@@ -48,6 +48,11 @@ class GuestMemory:
     def size(self) -> int:
         return sum(r.memory_size for r in self.regions)
 
+    @property
+    def gpa_end(self) -> int:
+        """One past the highest guest-physical address (what a dirty log must cover)."""
+        return max((r.guest_phys_addr + r.memory_size for r in self.regions), default=0)
+
     def close(self) -> None:
         self.table.close()
 

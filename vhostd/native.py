@@ -89,9 +89,11 @@ class SharedMapping:
     """A MAP_SHARED mapping of an fd (the inflight buffer)."""
 
     def __init__(self, fd: int, size: int, offset: int = 0) -> None:
-        ptr = lib.vhd_map_shared(fd, size, offset)
+        err = ffi.new("int *")
+        ptr = lib.vhd_map_shared(fd, size, offset, err)
         if ptr == ffi.NULL:
-            raise NativeError(errno.EINVAL, f"cannot map {size} bytes at offset {offset}")
+            why = "past the end of the file" if err[0] == -errno.ERANGE else os.strerror(-err[0])
+            raise NativeError(-err[0], f"cannot map {size} bytes at offset {offset}: {why}")
         self.ptr: Any = ptr
         self.size = size
 
@@ -103,6 +105,49 @@ class SharedMapping:
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:
             lib.vhd_unmap(ptr, self.size)
+
+
+@dataclass(frozen=True)
+class LogStats:
+    pages: int      # page bits set (a page written twice counts twice)
+    refused: int    # pages past the end of the bitmap: the front-end's log is too small
+
+
+class NativeLog:
+    """The dirty-page bitmap of SET_LOG_BASE (one bit per 4 KiB page),
+    mapped from the front-end's fd.  Rings keep a pointer to it: close it
+    only after every ring using it stopped or switched to another."""
+
+    def __init__(self, fd: int, size: int, offset: int) -> None:
+        self.mapping = SharedMapping(fd, size, offset)
+        self.size = size
+        self.ptr: Any = lib.vhd_log_new(self.mapping.ptr, size)
+        if self.ptr == ffi.NULL:
+            self.mapping.close()
+            raise MemoryError("dirty log")
+
+    @staticmethod
+    def size_for(gpa_end: int) -> int:
+        """Bytes of bitmap that cover guest-physical addresses below gpa_end."""
+        return int(lib.vhd_log_size_for(gpa_end))
+
+    def set_drop(self, drop: bool) -> bool:
+        """Test builds only: record nothing.  False if not compiled in."""
+        return bool(lib.vhd_log_set_drop(self.ptr, int(drop)) == 0)
+
+    def write(self, gpa: int, length: int) -> None:
+        lib.vhd_log_write(self.ptr, gpa, length)
+
+    def stats(self) -> LogStats:
+        out = ffi.new("struct vhd_log_stats *")
+        lib.vhd_log_stats_get(self.ptr, out)
+        return LogStats(int(out.pages), int(out.refused))
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_log_free(ptr)
+            self.mapping.close()
 
 
 @dataclass(frozen=True)
@@ -133,12 +178,18 @@ class NativeVring:
 
     def setup(self, mem: MemTable, *, num: int, desc: int, avail: int, used: int,
               last_avail_idx: int, event_idx: bool, indirect: bool,
-              call_fd: int, err_fd: int, broken_fd: int = -1, inflight: Any = ffi.NULL) -> None:
+              call_fd: int, err_fd: int, broken_fd: int = -1, inflight: Any = ffi.NULL,
+              log: NativeLog | None = None, log_used_gpa: int | None = None) -> None:
+        """log: VHOST_F_LOG_ALL is on; log_used_gpa: VHOST_VRING_F_LOG's
+        log_guest_addr, where used ring writes are logged."""
         cfg = ffi.new("struct vhd_vring_config *", {
             "num": num, "desc_uva": desc, "avail_uva": avail, "used_uva": used,
             "last_avail_idx": last_avail_idx, "event_idx": int(event_idx),
             "indirect": int(indirect), "call_fd": call_fd, "err_fd": err_fd,
             "broken_fd": broken_fd, "inflight": inflight,
+            "log": ffi.NULL if log is None else log.ptr,
+            "log_used": int(log is not None and log_used_gpa is not None),
+            "log_used_gpa": log_used_gpa or 0,
         })
         check(lib.vhd_vring_setup(self.ptr, mem.ptr, cfg), "vring setup")
 

@@ -17,7 +17,7 @@ import trio
 
 from vhostd.fds import OwnedFd, close_all
 from vhostd.memory import GuestMemory
-from vhostd.native import NativeError, NativeVring, VringStats, ffi
+from vhostd.native import NativeError, NativeLog, NativeVring, VringStats, ffi
 from vhostd.protocol.messages import VringAddr
 from vhostd.scheduler import Placement, Scheduler, SchedulerError
 
@@ -41,6 +41,9 @@ class WorkerOptions:
 
     poll_us: int = 0
     cpus: tuple[int, ...] = ()
+
+
+VHOST_VRING_F_LOG = 0x1   # SET_VRING_ADDR flags: log used ring writes at log_guest_addr
 
 
 class VringError(Exception):
@@ -76,7 +79,9 @@ class Vring:
 
     def start(self, mem: GuestMemory, backend: QueueBackend, scheduler: Scheduler, *, owner: str,
               event_idx: bool, indirect: bool, options: WorkerOptions = WorkerOptions(),
-              broken_fd: int = -1, inflight: Any = None) -> None:
+              broken_fd: int = -1, inflight: Any = None, log: NativeLog | None = None) -> None:
+        """log: the dirty log while VHOST_F_LOG_ALL is on; used ring writes
+        are logged too if SET_VRING_ADDR set VHOST_VRING_F_LOG."""
         assert self.addr is not None and self.placement is None
         try:
             self.native.setup(
@@ -84,7 +89,8 @@ class Vring:
                 avail=self.addr.avail_user_addr, used=self.addr.used_user_addr,
                 last_avail_idx=self.last_avail_idx, event_idx=event_idx, indirect=indirect,
                 call_fd=_fd_or_minus1(self.call), err_fd=_fd_or_minus1(self.err), broken_fd=broken_fd,
-                inflight=ffi.NULL if inflight is None else inflight)
+                inflight=ffi.NULL if inflight is None else inflight, log=log,
+                log_used_gpa=self.addr.log_guest_addr if self.addr.flags & VHOST_VRING_F_LOG else None)
         except NativeError as e:
             raise VringError(
                 f"ring {self.index}: size {self.num}, desc {self.addr.desc_user_addr:#x}, "

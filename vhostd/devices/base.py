@@ -34,11 +34,15 @@ COMMON_FEATURES = (
     | bit(VirtioFeature.RING_INDIRECT_DESC)
     | bit(VirtioFeature.RING_EVENT_IDX)
     | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
+    | bit(VirtioFeature.LOG_ALL)
 )
 # Offered by every device; each adds only what it uses (QEMU warns on every
 # start about a protocol feature its device type has no use for, e.g. CONFIG
 # on net: QEMU's virtio-net reads no config space from the back-end).
-COMMON_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
+# LOG_SHMFD with LOG_ALL: live migration (the dirty log is shared memory).
+COMMON_PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.LOG_SHMFD)
+)
 
 
 class Device(abc.ABC):

@@ -100,6 +100,7 @@ class VirtioFeature(enum.IntEnum):
     """Device-independent virtio feature bits (and the vhost-user one)."""
 
     NOTIFY_ON_EMPTY = 24
+    LOG_ALL = 26          # VHOST_F_LOG_ALL: log every write to guest memory (migration)
     RING_INDIRECT_DESC = 28
     RING_EVENT_IDX = 29
     VHOST_USER_PROTOCOL_FEATURES = 30

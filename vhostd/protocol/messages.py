@@ -195,7 +195,23 @@ class Inflight:
         return cls(*cls._S.unpack(data))
 
 
-Payload = Union[None, U64, VringState, VringAddr, MemTable, Config, Inflight]
+@dataclass(frozen=True)
+class LogBase:
+    """SET_LOG_BASE: where in the attached fd the dirty-page bitmap is."""
+
+    mmap_size: int
+    mmap_offset: int
+    _S = struct.Struct("<QQ")
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.mmap_size, self.mmap_offset)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> LogBase:
+        return cls(*cls._S.unpack(data))
+
+
+Payload = Union[None, U64, VringState, VringAddr, MemTable, Config, Inflight, LogBase]
 
 
 class PayloadKind(enum.Enum):
@@ -206,6 +222,7 @@ class PayloadKind(enum.Enum):
     MEM_TABLE = MemTable
     CONFIG = Config
     INFLIGHT = Inflight
+    LOG_BASE = LogBase
 
     def size_ok(self, size: int) -> bool:
         if self is PayloadKind.NONE:
@@ -242,6 +259,8 @@ SPECS: dict[Request, Spec] = {
     Request.SET_OWNER: Spec(P.NONE),
     Request.RESET_OWNER: Spec(P.NONE),
     Request.SET_MEM_TABLE: Spec(P.MEM_TABLE, F.PER_REGION),
+    Request.SET_LOG_BASE: Spec(P.LOG_BASE, F.ONE, reply=P.U64),
+    Request.SET_LOG_FD: Spec(P.NONE, F.ONE),
     Request.SET_VRING_NUM: Spec(P.VRING_STATE),
     Request.SET_VRING_ADDR: Spec(P.VRING_ADDR),
     Request.SET_VRING_BASE: Spec(P.VRING_STATE),

@@ -33,6 +33,7 @@ from vhostd.protocol.messages import (
     SPECS,
     Config,
     Inflight,
+    LogBase,
     MemTable,
     Message,
     ProtocolError,
@@ -42,9 +43,9 @@ from vhostd.protocol.messages import (
     encode_reply,
     vring_index_of,
 )
-from vhostd.native import MAX_MEM_REGIONS
+from vhostd.native import MAX_MEM_REGIONS, NativeError, NativeLog
 from vhostd.scheduler import Scheduler
-from vhostd.vring import Vring, VringError
+from vhostd.vring import VHOST_VRING_F_LOG, Vring, VringError
 
 log = logging.getLogger("vhostd.session")
 
@@ -57,7 +58,6 @@ class Reply:
 
 
 Handler = Callable[[Message], Awaitable[bytes | Reply | None]]
-VHOST_VRING_F_LOG = 0x1
 
 
 class Session:
@@ -69,6 +69,8 @@ class Session:
         self.protocol_features = 0   # acked protocol features
         self.mem: GuestMemory | None = None
         self.inflight: InflightBuffer | None = None
+        self.log: NativeLog | None = None   # SET_LOG_BASE's bitmap, used while LOG_ALL is on
+        self.log_pages = 0                   # pages logged in logs already released
         self.closing = False
         self.closed = trio.Event()
         # Workers signal this when the guest breaks a ring (logged) or changes
@@ -85,6 +87,8 @@ class Session:
             Request.GET_QUEUE_NUM: self._get_queue_num,
             Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
             Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_LOG_BASE: self._set_log_base,
+            Request.SET_LOG_FD: self._set_log_fd,
             Request.SET_VRING_NUM: self._set_vring_num,
             Request.SET_VRING_ADDR: self._set_vring_addr,
             Request.SET_VRING_BASE: self._set_vring_base,
@@ -156,6 +160,7 @@ class Session:
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
+        self._release_log()
         self._broken.close()
         self.device.on_disconnect()
         self.closed.set()
@@ -213,7 +218,8 @@ class Session:
                      event_idx=self._has_feature(VirtioFeature.RING_EVENT_IDX),
                      indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC),
                      options=self.device.workers, broken_fd=self._broken.fileno(),
-                     inflight=self.inflight.region(vr.index) if self.inflight else None)
+                     inflight=self.inflight.region(vr.index) if self.inflight else None,
+                     log=self.log if self._logging else None)
         except VringError as e:
             raise ProtocolError(None, str(e)) from None
         log.info("%s: ring %d started (size %d, base %d, %s)", self.device.name, vr.index, vr.num,
@@ -227,6 +233,18 @@ class Session:
         if vr.running:
             await vr.stop()
             self._start_if_ready(vr)
+
+    @property
+    def _logging(self) -> bool:
+        return self._has_feature(VirtioFeature.LOG_ALL) and self.log is not None
+
+    def _release_log(self) -> None:
+        """Unmaps the dirty log; no running ring may use it."""
+        if self.log is not None:
+            assert not any(vr.running for vr in self.vrings) or not self._logging
+            self.log_pages += self.log.stats().pages
+            self.log.close()
+            self.log = None
 
     # --- features and ownership ---------------------------------------------
 
@@ -243,7 +261,15 @@ class Session:
         running = [vr for vr in self.vrings if vr.running]
         for vr in running:
             await vr.stop()
+        was_logging = self._logging
         self.features = msg.payload.value
+        if was_logging != self._has_feature(VirtioFeature.LOG_ALL):
+            log.info("%s: dirty page logging %s", self.device.name,
+                     "on" if self._has_feature(VirtioFeature.LOG_ALL) else "off")
+        if was_logging and not self._logging:
+            # Migration done or cancelled: QEMU drops its log without a new
+            # SET_LOG_BASE.  The rings are stopped, nothing uses it.
+            self._release_log()
         if not self._has_feature(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
             # Without protocol features rings start enabled (vhost-user.rst).
             for vr in self.vrings:
@@ -302,6 +328,48 @@ class Session:
         for vr in self.vrings:
             self._start_if_ready(vr)
         log.info("%s: memory table: %d regions, %d MiB", self.device.name, len(mem.regions), mem.size >> 20)
+        return None
+
+    # --- dirty page log (live migration) ------------------------------------
+
+    async def _set_log_base(self, msg: Message) -> bytes:
+        """Maps the new bitmap and moves the rings to it: each is stopped
+        (its writes in flight are logged to the old bitmap) and restarted
+        on the new one before the reply, so no write goes unlogged; QEMU
+        reads the old bitmap after our reply and then frees it."""
+        assert isinstance(msg.payload, LogBase)
+        p = msg.payload
+        if not self.protocol_features & bit(ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError(msg.request, "LOG_SHMFD was not negotiated")
+        if p.mmap_size == 0:
+            raise ProtocolError(msg.request, "log of 0 bytes")
+        fd = msg.fds[0]
+        try:
+            new = NativeLog(fd.fileno(), p.mmap_size, p.mmap_offset)
+        except NativeError as e:
+            raise ProtocolError(msg.request, f"dirty log: {e.strerror}") from None
+        if os.environ.get("VHOSTD_TEST_DROP_DIRTY_LOG") == "1":   # tests/test_guest_migration.py
+            if new.set_drop(True):
+                log.warning("%s: VHOSTD_TEST_DROP_DIRTY_LOG: the dirty log records nothing", self.device.name)
+            else:
+                log.error("%s: VHOSTD_TEST_DROP_DIRTY_LOG ignored: not a test build", self.device.name)
+        if self.mem is not None and (need := NativeLog.size_for(self.mem.gpa_end)) > p.mmap_size:
+            log.warning("%s: %s: log of %d bytes covers less guest memory than the table's %d MiB "
+                        "(needs %d): writes past it are not logged (front-end error)", self.device.name,
+                        msg.request.spec_name, p.mmap_size, self.mem.gpa_end >> 20, need)
+        running = [vr for vr in self.vrings if vr.running] if self._logging else []
+        for vr in running:
+            await vr.stop()
+        self._release_log()
+        self.log = new
+        for vr in running:
+            self._start_if_ready(vr)
+        log.info("%s: dirty log of %d KiB (covers %d MiB of guest memory)", self.device.name,
+                 p.mmap_size >> 10, p.mmap_size * 8 * 4096 >> 20)
+        return U64(0).pack()
+
+    async def _set_log_fd(self, msg: Message) -> None:
+        # QEMU never sends it with LOG_SHMFD; the fd is closed by _dispatch.
         return None
 
     # --- rings -----------------------------------------------------------
@@ -467,6 +535,15 @@ class Session:
 
     # --- status ---------------------------------------------------------------
 
+    def log_status(self) -> dict[str, Any]:
+        st = self.log.stats() if self.log is not None else None
+        return {
+            "enabled": self._logging,
+            "size": self.log.size if self.log is not None else 0,
+            "pages": self.log_pages + (st.pages if st else 0),
+            "refused": st.refused if st else 0,
+        }
+
     def status(self) -> dict[str, Any]:
         """What `vhostd status` shows for the front-end and each ring (counters
         are read from the workers without locks: they may be a batch old)."""
@@ -486,5 +563,6 @@ class Session:
             "protocol_features": feature_names(self.protocol_features, ProtocolFeature),
             "memory_mib": (self.mem.size >> 20) if self.mem else 0,
             "inflight_tracking": self.inflight is not None,
+            "dirty_log": self.log_status(),
             "rings": rings,
         }
