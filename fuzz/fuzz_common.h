@@ -372,9 +372,54 @@ static struct ring_track *track_new(vhd_vring *vr, uint32_t num, uint64_t avail_
     return t;
 }
 
+/* --- dirty log (VHOST_F_LOG_ALL) ------------------------------------------------ */
+
+/* The bitmap covers guest-physical addresses below 4 GiB (two of the four
+ * guest bases); memory near the top of the 64-bit space lies past it, so
+ * there every logged page must be refused and nothing written.  Allocated at
+ * its exact size: ASan sees a write past it. */
+#define LOG_BYTES (0x100000000ull >> 15)
+
+static struct {
+    int on, used;                /* the input's choice: LOG_ALL, VHOST_VRING_F_LOG */
+    uint8_t *bits;
+    vhd_log *log;
+} L;
+
+/* pages bits 3 (logging on) and 7 (used ring logged too), free in both
+ * harnesses' region-pages byte. */
+static void log_select(uint8_t pages)
+{
+    if (!L.bits) {
+        L.bits = calloc(1, LOG_BYTES);
+        CHECK(L.bits, "harness: calloc");
+    }
+    vhd_log_free(L.log);
+    L.log = NULL;
+    L.on = !!(pages & 8);
+    L.used = L.on && (pages & 128);
+    if (L.on) {
+        L.log = vhd_log_new(L.bits, LOG_BYTES);
+        CHECK(L.log, "harness: vhd_log_new");
+    }
+}
+
+static int log_bit(uint64_t gpa)
+{
+    uint64_t page = gpa >> 12;
+    return page / 8 < LOG_BYTES && (L.bits[page / 8] >> (page % 8) & 1);
+}
+
 static void tracks_reset(void)
 {
     n_tracks = 0;
+    if (L.bits)
+        memset(L.bits, 0, LOG_BYTES);
+    if (L.on) {
+        vhd_log_free(L.log);
+        L.log = vhd_log_new(L.bits, LOG_BYTES);   /* fresh counters per run */
+        CHECK(L.log, "harness: vhd_log_new");
+    }
 }
 
 static int allowed_range(uint64_t off, uint64_t len)
@@ -582,27 +627,69 @@ static void check_ring(struct ring_track *t, uint64_t avail_off, uint16_t avail0
     }
 }
 
+static int in_used_ring(uint64_t off)
+{
+    for (unsigned i = 0; i < n_tracks; i++)
+        if (off >= tracks[i].used_off && off - tracks[i].used_off < 6 + 8ull * tracks[i].num)
+            return 1;
+    return 0;
+}
+
+/* With logging on: every guest byte the device changed has its page's bit
+ * set (used ring bytes only with VHOST_VRING_F_LOG), and every bit set is a
+ * page the device could write; past the bitmap nothing is written and what
+ * the device changed there was counted as refused. */
+static void check_log(uint64_t changed_past_bitmap)
+{
+    if (!L.on)
+        return;
+    for (uint64_t off = 0; off < G.total; off++) {
+        if (*guest_ptr(off) == G.before[off] || G.base + off >= 0x100000000ull)
+            continue;
+        if (in_used_ring(off) && !L.used)
+            continue;   /* the used ring's own writes are not logged (even over a buffer) */
+        CHECK(log_bit(G.base + off), "device changed guest byte at gpa %#llx but did not log its page",
+              (unsigned long long)(G.base + off));
+    }
+    for (uint64_t byte = 0; byte < LOG_BYTES; byte++) {
+        if (!L.bits[byte])
+            continue;
+        for (int b = 0; b < 8; b++) {
+            if (!(L.bits[byte] >> b & 1))
+                continue;
+            uint64_t gpa = (byte * 8 + (uint64_t)b) << 12, hit = 0;
+            for (uint64_t off = gpa > G.base ? gpa - G.base : 0; off < G.total && G.base + off < gpa + PAGE; off++)
+                hit |= G.allowed[off] || (L.used && in_used_ring(off));
+            CHECK(hit, "logged page at gpa %#llx holds no device-writable byte", (unsigned long long)gpa);
+        }
+    }
+    struct vhd_log_stats st;
+    vhd_log_stats_get(L.log, &st);
+    CHECK(changed_past_bitmap == 0 || st.refused > 0, "device changed %llu bytes past the log, none refused",
+          (unsigned long long)changed_past_bitmap);
+}
+
 /* Every guest byte the device changed is in a device-writable buffer of a
  * chain it popped, or in the used ring (flags, idx, ring, avail_event). */
 static void check_writes(void)
 {
+    uint64_t past_bitmap = 0;
     for (uint64_t chunk = 0; chunk < G.total; chunk += 256) {
         if (memcmp(guest_ptr(chunk), G.before + chunk, 256) == 0)
             continue;   /* regions are whole pages: a chunk is inside one */
         for (uint64_t off = chunk; off < chunk + 256; off++) {
             uint8_t now = *guest_ptr(off);
-            if (now == G.before[off] || G.allowed[off])
+            if (now == G.before[off])
                 continue;
-            int in_used = 0;
-            for (unsigned i = 0; i < n_tracks; i++) {
-                const struct ring_track *t = &tracks[i];
-                if (off >= t->used_off && off - t->used_off < 6 + 8ull * t->num)
-                    in_used = 1;
-            }
-            CHECK(in_used, "device wrote guest byte at gpa %#llx (%#x -> %#x), not in a device-writable buffer "
-                  "or the used ring", (unsigned long long)(G.base + off), G.before[off], now);
+            if (G.base + off >= 0x100000000ull && (G.allowed[off] || L.used))
+                past_bitmap++;
+            if (G.allowed[off])
+                continue;
+            CHECK(in_used_ring(off), "device wrote guest byte at gpa %#llx (%#x -> %#x), not in a device-writable "
+                  "buffer or the used ring", (unsigned long long)(G.base + off), G.before[off], now);
         }
     }
+    check_log(past_bitmap);
 }
 
 /* --- ring set-up ----------------------------------------------------------------- */
@@ -678,6 +765,9 @@ static vhd_vring *ring_setup(const struct ring_input *r, int event_idx, int indi
         .err_fd = err_fd,
         .broken_fd = -1,
         .inflight = inflight,
+        .log = L.on ? L.log : NULL,
+        .log_used = L.used,
+        .log_used_gpa = G.base + r->used_off,
     };
     int rc = vhd_vring_setup(vr, G.mem, &cfg);
     int expect = ring_layout_ok(r);

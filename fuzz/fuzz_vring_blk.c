@@ -5,7 +5,9 @@
  *              disk, 16 io_uring engine, 32 gap between the regions' uvas,
  *              64 no call eventfd, 128 inflight tracking
  *   1  u8  ring size: 1 << (v % 9), so 1..256
- *   2  u8  region pages: region 0 has 1 + (v & 7), region 1 1 + (v >> 4 & 7)
+ *   2  u8  region pages: region 0 has 1 + (v & 7), region 1 1 + (v >> 4 & 7);
+ *          bit 3: dirty logging (VHOST_F_LOG_ALL), bit 7: the used ring is
+ *          logged too (VHOST_VRING_F_LOG); fuzz_common.h check_log()
  *   3  u8  bits 0-1: where guest memory starts (fuzz_common.h guest_base);
  *          bits 2-7: serial length (0..63, truncated to 20 by the device)
  *   4  6 x u16: desc, avail and used ring offsets in guest memory,
@@ -263,6 +265,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     guest_setup(1 + (pages & 7), 1 + (pages >> 4 & 7), bi.flags & 4, bi.misc & 3, bi.flags & 32, in.p, in.n);
+    log_select(pages);
     ring_store_indices(&bi.ri);
     guest_snapshot();
     if (uring && !bi.reg) {

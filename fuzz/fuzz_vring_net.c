@@ -7,7 +7,9 @@
  *              regions' uvas, 64 socketpair back-end (else the null one),
  *              128 no call eventfd
  *   1  u8  ring size (both rings): 1 << (v % 9), so 1..256
- *   2  u8  region pages: region 0 has 1 + (v & 7), region 1 1 + (v >> 4 & 7)
+ *   2  u8  region pages: region 0 has 1 + (v & 7), region 1 1 + (v >> 4 & 7);
+ *          bit 3: dirty logging (VHOST_F_LOG_ALL), bit 7: the used ring is
+ *          logged too (VHOST_VRING_F_LOG); fuzz_common.h check_log()
  *   3  u8  bits 0-1: where guest memory starts (fuzz_common.h guest_base);
  *          bits 2-3: frames queued on the socketpair back-end (0..3);
  *          bit 4: skip TX; bit 5: skip RX; bit 6: the second ring is the
@@ -144,6 +146,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     unsigned nframes = sockets ? (misc >> 2 & 3) : 0;
 
     guest_setup(1 + (pages & 7), 1 + (pages >> 4 & 7), flags & 4, misc & 3, flags & 32, in.p, in.n);
+    log_select(pages);
     ring_store_indices(&rtx);
     ring_store_indices(&rrx);
     uint16_t avail_tx = rtx.avail_off + 4u <= G.total ? guest_get16(rtx.avail_off + 2u) : 0;

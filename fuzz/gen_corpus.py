@@ -483,11 +483,21 @@ def stale(directory: Path, files: dict[str, bytes], exact: bool) -> list[str]:
     return [str(directory.relative_to(HERE) / n) for n in out]
 
 
+def with_dirty_log(seeds: dict[str, bytes]) -> dict[str, bytes]:
+    """Each seed, and the same with dirty logging on (used ring included):
+    byte 2, bits 3 and 7, in both ring harnesses."""
+    out = dict(seeds)
+    for name, data in seeds.items():
+        out[name + "-logged"] = data[:2] + bytes([data[2] | 0x88]) + data[3:]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="only check that the files on disk are current")
     args = ap.parse_args()
-    corpora = {"fuzz_vring_blk": blk_seeds(), "fuzz_vring_net": net_seeds(), "fuzz_mem": mem_seeds()}
+    corpora = {"fuzz_vring_blk": with_dirty_log(blk_seeds()), "fuzz_vring_net": with_dirty_log(net_seeds()),
+               "fuzz_mem": mem_seeds()}
     repros = {"fuzz_vring_blk": blk_repros(), "fuzz_vring_net": net_repros()}
     if args.check:
         bad = [f for t, files in corpora.items() for f in stale(HERE / "corpus" / t, files, True)]
