@@ -70,14 +70,17 @@ class NetFeature(enum.IntEnum):
 
 # MQ requires CTRL_VQ (virtio 1.2 5.1.3.1).  QEMU and DPDK's virtio-user keep
 # the control queue for themselves; another front-end may hand it over.
-# GUEST_ANNOUNCE is not offered: it needs config-change notifications
-# (BACKEND_REQ); QEMU then announces with VHOST_USER_SEND_RARP instead.
+# GUEST_ANNOUNCE: after a migration QEMU 7.2 itself sets the announce bit in
+# its config space and takes the guest's ack on the control queue
+# (virtio_net_post_load_device), and the guest sends gratuitous ARPs with
+# its real addresses; QEMU then skips VHOST_USER_SEND_RARP.  Guests without
+# it still get the RARP.
 OFFERED = (
     NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.MAC, NetFeature.MTU,
     NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_ECN, NetFeature.GUEST_UFO,
     NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.HOST_ECN, NetFeature.HOST_UFO,
     NetFeature.MRG_RXBUF, NetFeature.STATUS, NetFeature.CTRL_VQ, NetFeature.CTRL_RX,
-    NetFeature.MQ, NetFeature.CTRL_MAC_ADDR,
+    NetFeature.GUEST_ANNOUNCE, NetFeature.MQ, NetFeature.CTRL_MAC_ADDR,
 )
 # GUEST_* feature -> tap offload it allows on the receive path.
 RX_OFFLOADS = {
