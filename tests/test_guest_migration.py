@@ -27,8 +27,10 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +219,12 @@ def disk(tmp_path: Path) -> Iterator[Disk]:
                                  for i in range(CHUNKS)])
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def set_flag(image: Path, flag: bytes) -> None:
     fd = os.open(image, os.O_WRONLY)
     try:
@@ -244,6 +252,13 @@ class Outcome:
     logged_pages_seen: int       # the source's dirty log pages, from `vhostd status` mid-migration
 
 
+def metric(port: int, name: str, device: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    m = re.search(rf'^{name}\{{device="{device}"\}} (\S+)$', body, re.M)
+    assert m, f"no {name} for {device} in:\n{body}"
+    return float(m[1])
+
+
 def dirty_log_pages(ctl: Path, need_pages: bool, timeout: float = 60) -> int:
     """Waits until the source's status shows logging on (with pages logged)."""
     deadline = time.monotonic() + timeout
@@ -261,8 +276,10 @@ def migrate_blk(disk: Disk, *, aio: str = "io_uring", num_queues: int = 1,
     tmp = disk.tmp
     mig, qmp_src, qmp_dst, ctl = tmp / "mig.sock", tmp / "qmp-src.sock", tmp / "qmp-dst.sock", tmp / "ctl.sock"
     extra = ["--aio", aio, "--num-queues", str(num_queues)]
+    port = free_port()
     src_d = vhostd_proc.Vhostd(["blk", "--name", "src", "--socket-path", str(tmp / "src.sock"),
-                                "--file", str(disk.image), "--control-socket", str(ctl), *extra],
+                                "--file", str(disk.image), "--control-socket", str(ctl),
+                                "--metrics-listen", f"127.0.0.1:{port}", *extra],
                                tmp / "src.sock", tmp / "src.log", env={**os.environ, **(src_env or {})})
     dst_d = vhostd_proc.blk(tmp, disk.image, *extra, name="dst")
     try:
@@ -276,6 +293,8 @@ def migrate_blk(disk: Disk, *, aio: str = "io_uring", num_queues: int = 1,
                 start_migration(q, dst, qmp_dst, mig, downtime_ms=1)
                 hold_after_first_pass(q, HOLD_SECONDS)
                 pages = dirty_log_pages(ctl, need_pages=not src_env)
+                assert metric(port, "vhostd_dirty_log_enabled", "src") == 1.0
+                assert (metric(port, "vhostd_dirty_log_pages_total", "src") > 0) is not bool(src_env)
                 q.command("migrate-set-parameters", **{"max-bandwidth": BANDWIDTH, "downtime-limit": 300})
                 status = wait_migration(q)
                 if status.get("status") == "completed":

@@ -45,9 +45,20 @@ class StatusCollector:
                  for k, v in RING_COUNTERS.items()}
         net = {k: CounterMetricFamily(f"vhostd_net_{k}", f"virtio-net {k.replace('_', ' ')}",
                                       labels=["device", "pair"]) for k in NET_COUNTERS}
+        log_on = GaugeMetricFamily("vhostd_dirty_log_enabled",
+                                   "1 while the front-end has dirty-page logging on (live migration)",
+                                   labels=["device"])
+        log_pages = CounterMetricFamily("vhostd_dirty_log_pages", "Page bits set in the dirty log "
+                                        "(this front-end connection)", labels=["device"])
+        log_refused = CounterMetricFamily("vhostd_dirty_log_refused", "Pages not logged: past the end of "
+                                          "the front-end's log (its error)", labels=["device"])
         for dev in st["devices"]:
             name = dev["name"]
             connected.add_metric([name, dev["type"]], 1.0 if dev["frontend"] else 0.0)
+            if (log := dev.get("dirty_log")) is not None:
+                log_on.add_metric([name], 1.0 if log["enabled"] else 0.0)
+                log_pages.add_metric([name], log["pages"])
+                log_refused.add_metric([name], log["refused"])
             for ring in dev.get("rings", []):
                 labels = [name, str(ring["index"])]
                 for k, fam in rings.items():
@@ -63,6 +74,7 @@ class StatusCollector:
         yield broken
         yield from rings.values()
         yield from net.values()
+        yield from (log_on, log_pages, log_refused)
 
 
 def exposition(status: StatusFn) -> bytes:
