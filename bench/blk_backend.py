@@ -33,7 +33,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Sequence
 
 from bench import PACKAGE_DIR, REPO, Benchmark, BenchError, Process, Row, cpu_seconds, progress
 
@@ -99,9 +99,9 @@ class Frontend:
     """One blkfe --sync run: READY, go, JSON line, then stdin closed."""
 
     def __init__(self, exe: Path, sock: Path, workload: Workload, seconds: float, cpus: str,
-                 seed: int, log_path: Path) -> None:
+                 seed: int, log_path: Path, extra: Sequence[str] = ()) -> None:
         argv = [str(exe), "--socket", str(sock), *workload.blkfe_args(), "--seconds", str(seconds),
-                "--seed", str(seed), "--sync"]
+                "--seed", str(seed), "--sync", *extra]
         if cpus:
             argv += ["--cpus", cpus]
         self.argv = argv
@@ -193,8 +193,15 @@ BACKENDS: dict[str, Callable[[Path, Path, int], list[str]]] = {
     "vhostd-direct": _vhostd("--direct"),
     "qsd-direct": _qsd(",cache.direct=on,aio=native"),
     "qsd-direct-io_uring": _qsd(",cache.direct=on,aio=io_uring"),
+    # Dirty-page logging on, as while QEMU migrates the guest: the same back-end processes,
+    # driven by blkfe --log (FRONTEND_OPTIONS); compared with their base names (log_vs_nolog).
+    "vhostd-log": _vhostd(),
+    "qsd-log": _qsd(""),
 }
 DEFAULT_BACKENDS = ("vhostd", "qsd", "qsd-io_uring")
+# Back-end name -> extra blkfe options.
+FRONTEND_OPTIONS: dict[str, list[str]] = {"vhostd-log": ["--log"], "qsd-log": ["--log"]}
+LOG_SUFFIX = "-log"
 
 
 @dataclass(frozen=True)
@@ -268,7 +275,7 @@ def run_once(exe: Path, backend: str, workload: Workload, image_kind: str, image
         if image_kind == "disk" and not args.warm_cache:
             drop_page_cache(image)
         fe = Frontend(exe, sock, workload, args.seconds, where.frontend_cpus, args.seed + rnd,
-                      workdir / f"{tag}.blkfe.log")
+                      workdir / f"{tag}.blkfe.log", FRONTEND_OPTIONS.get(backend, ()))
         try:
             fe.wait_ready()
             cpu0, fe0 = proc.cpu_seconds(), cpu_seconds(fe.proc.pid)
@@ -284,6 +291,10 @@ def run_once(exe: Path, backend: str, workload: Workload, image_kind: str, image
             raise BenchError(f"{tag}: blkfe exited {rc}, back-end "
                              f"{'exited ' + str(proc.proc.returncode) if proc.proc.poll() is not None else 'alive'}"
                              f"\n--- {backend} log ---\n{proc.log()}")
+    if res.get("log") and (not res.get("logged_pages") or res.get("logged_pages_outside_ram")):
+        # Logging "on" that logged nothing (or outside guest RAM) measures nothing valid.
+        raise BenchError(f"{tag}: blkfe --log saw {res.get('logged_pages')} pages logged, "
+                         f"{res.get('logged_pages_outside_ram')} outside guest RAM")
     cpu, secs, reqs = cpu1 - cpu0, res["seconds"], res["requests"]
     return {
         "image": image_kind, "workload": workload.name, "backend": backend, "round": rnd,
@@ -296,12 +307,16 @@ def run_once(exe: Path, backend: str, workload: Workload, image_kind: str, image
         "kicks_per_req": res["kicks_per_req"], "wakeups_per_req": res["wakeups_per_req"],
         # How much of the disk image the run pulled into the page cache (cold at the start).
         "cached_pct_end": None if cached is None else 100 * cached,
+        # blkfe --log: pages the back-end logged, summed over its 100 ms syncs.
+        "logged_pages": res.get("logged_pages"),
+        "logged_pages_outside_ram": res.get("logged_pages_outside_ram"),
         "backend_argv": argv,
+        "frontend_options": FRONTEND_OPTIONS.get(backend, []),
     }
 
 
-def _same_round_ratios(runs: list[Row], backend: str, key: str) -> list[float]:
-    anchor = {r["round"]: r[key] for r in runs if r["backend"] == ANCHOR and r.get(key)}
+def _same_round_ratios(runs: list[Row], backend: str, key: str, anchor_name: str = ANCHOR) -> list[float]:
+    anchor = {r["round"]: r[key] for r in runs if r["backend"] == anchor_name and r.get(key)}
     return [r[key] / anchor[r["round"]] for r in runs
             if r["backend"] == backend and r.get(key) is not None and r["round"] in anchor]
 
@@ -324,6 +339,20 @@ def summarize(runs: list[Row], failures: list[Row], images: list[str], workloads
                           if (f["image"], f["workload"], f["backend"]) == (image, w.name, b)]
                 iops_ratio = _same_round_ratios(group, b, "iops")
                 cpu_ratio = _same_round_ratios(group, b, "cpu_s_per_mreq")
+                # X-log against X (logging off), when both ran.
+                base = b[:-len(LOG_SUFFIX)] if b.endswith(LOG_SUFFIX) else None
+                log_cols: Row = {}
+                if any(n.endswith(LOG_SUFFIX) and n[:-len(LOG_SUFFIX)] in backends for n in backends):
+                    log_iops = _same_round_ratios(group, b, "iops", base) if base in backends else []
+                    log_cpu = (_same_round_ratios(group, b, "cpu_s_per_mreq", base)
+                               if base in backends else [])
+                    log_cols = {
+                        "log_vs_nolog": statistics.median(log_iops) if log_iops else None,
+                        "cpu_log_vs_nolog": statistics.median(log_cpu) if log_cpu else None,
+                        "logged_pages_per_s": statistics.median(rates) if (rates := [
+                            r["logged_pages"] / r["seconds"] for r in mine
+                            if r.get("logged_pages") is not None]) else None,
+                    }
                 rows.append({
                     "image": image, "workload": w.name, "backend": b,
                     "runs": len(mine), **({"failed": len(failed)} if failures else {}),
@@ -336,6 +365,7 @@ def summarize(runs: list[Row], failures: list[Row], images: list[str], workloads
                     f"iops_vs_{ANCHOR}": statistics.median(iops_ratio) if iops_ratio else None,
                     f"cpu_vs_{ANCHOR}": statistics.median(cpu_ratio) if cpu_ratio else None,
                     "fe_cpu_pct": _median(mine, "fe_cpu_pct"),
+                    **log_cols,
                     **({"cached_pct_end": _median(mine, "cached_pct_end")} if image == "disk" else {}),
                     "per_run": mine,
                     **({"failures": failed} if failed else {}),
@@ -361,7 +391,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-mib", type=int, default=1024, help="image size (default 1024)")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                    help=f"comma-separated, from {', '.join(BACKENDS)} "
-                        f"(default {','.join(DEFAULT_BACKENDS)}); ratios are against {ANCHOR}")
+                        f"(default {','.join(DEFAULT_BACKENDS)}); ratios are against {ANCHOR}, "
+                        f"and X{LOG_SUFFIX} (blkfe --log: dirty logging on) against X")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
     p.add_argument("--images", default="tmpfs,disk",

@@ -12,6 +12,7 @@
  *   blkfe --socket PATH [--rw randread|randwrite|seqread|seqwrite] [--bs BYTES] [--qd N]
  *         [--queues N] [--seconds S] [--cpus LIST] [--offset-mib M] [--size-mib M] [--sync]
  *   blkfe --socket PATH --verify|--check [--queues N] [--bs BYTES] [--size-mib M] [--seed N]
+ *   (either with --log: dirty-page logging on, as while QEMU migrates the guest)
  *
  * A run prints one JSON line (iops, mib_s, p50_us, p99_us, requests, seconds, ...).
  * --verify writes a pattern that names each sector through queue i, flushes, reads it back
@@ -20,6 +21,12 @@
  * --sync is for a caller that samples the back-end's CPU time around the measured window
  * alone: after setup blkfe prints "READY" and waits for a line on stdin; after the run it
  * prints the JSON line and waits for stdin to close before it disconnects.
+ *
+ * --log negotiates VHOST_F_LOG_ALL and VHOST_USER_PROTOCOL_F_LOG_SHMFD (exit 2 if the back-end
+ * does not offer them), shares a memfd bitmap over its guest RAM (SET_LOG_BASE, whose u64
+ * reply is read), sets VHOST_VRING_F_LOG with the used ring's guest-physical address, and a
+ * thread takes the bitmap every 100 ms as QEMU's migration sync does (atomic exchange with 0,
+ * counted in the JSON as logged_pages, summed over syncs).
  *
  * Exit status: 0 ok, 1 data mismatch or I/O error status, 2 usage or setup failure,
  * 3 the back-end stopped answering or signalled a broken ring.
@@ -56,6 +63,7 @@ enum vu_request {
     VU_SET_FEATURES = 2,
     VU_SET_OWNER = 3,
     VU_SET_MEM_TABLE = 5,
+    VU_SET_LOG_BASE = 6,
     VU_SET_VRING_NUM = 8,
     VU_SET_VRING_ADDR = 9,
     VU_SET_VRING_BASE = 10,
@@ -72,9 +80,12 @@ enum vu_request {
 
 #define F_BLK_FLUSH 9
 #define F_BLK_MQ 12
+#define F_LOG_ALL 26
 #define PF_MQ 0
+#define PF_LOG_SHMFD 1
 #define PF_CONFIG 9
 #define BIT(n) (1ull << (n))
+#define VRING_F_LOG 1u          /* SET_VRING_ADDR flags: log used ring writes at log */
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
@@ -236,16 +247,26 @@ static void vu_request(struct vu_conn *c, uint32_t req, const void *payload, uin
 }
 
 /* GET/SET_FEATURES, protocol features and ownership, in QEMU's order.  Returns the offered
- * virtio features.  The features themselves are acked later (SET_FEATURES) by the caller. */
-static uint64_t vu_negotiate(struct vu_conn *c, uint32_t queues)
+ * virtio features.  The features themselves are acked later (SET_FEATURES) by the caller.
+ * `log`: dirty-page logging as during a migration, which needs LOG_ALL and LOG_SHMFD. */
+static uint64_t vu_negotiate(struct vu_conn *c, uint32_t queues, bool log)
 {
     uint64_t offered = vu_get_u64(c, VU_GET_FEATURES);
     if (!(offered & BIT(F_VERSION_1)))
         die(EXIT_SETUP, "back-end does not offer VIRTIO_F_VERSION_1 (features %#" PRIx64 ")", offered);
+    if (log && !(offered & BIT(F_LOG_ALL)))
+        die(EXIT_SETUP, "--log: back-end does not offer VHOST_F_LOG_ALL (features %#" PRIx64 ")",
+            offered);
     if (offered & BIT(F_PROTOCOL_FEATURES)) {
-        uint64_t want = BIT(PF_MQ) | BIT(PF_REPLY_ACK) | BIT(PF_CONFIG);
-        c->protocol = vu_get_u64(c, VU_GET_PROTOCOL_FEATURES) & want;
+        uint64_t want = BIT(PF_MQ) | BIT(PF_REPLY_ACK) | BIT(PF_CONFIG) | (log ? BIT(PF_LOG_SHMFD) : 0);
+        uint64_t pf = vu_get_u64(c, VU_GET_PROTOCOL_FEATURES);
+        if (log && !(pf & BIT(PF_LOG_SHMFD)))
+            die(EXIT_SETUP, "--log: back-end does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD "
+                "(protocol features %#" PRIx64 ")", pf);
+        c->protocol = pf & want;
         vu_request(c, VU_SET_PROTOCOL_FEATURES, &c->protocol, sizeof(c->protocol), NULL, 0, false);
+    } else if (log) {
+        die(EXIT_SETUP, "--log: back-end offers no protocol features (LOG_SHMFD needs them)");
     }
     if (queues > 1) {
         uint64_t n = c->protocol & BIT(PF_MQ) ? vu_get_u64(c, VU_GET_QUEUE_NUM) : 1;
@@ -317,6 +338,104 @@ static void vu_set_mem_table(struct vu_conn *c, const struct ram *r)
     m.region[0].uva = (uint64_t)(uintptr_t)r->base;
     m.region[0].mmap_offset = 0;
     vu_request(c, VU_SET_MEM_TABLE, &m, sizeof(m), &r->fd, 1, true);
+}
+
+/* --- dirty-page log (--log) ------------------------------------------------------------- */
+
+/* As QEMU's vhost during a migration: one bit per 4 KiB guest-physical page from GPA 0
+ * (bit n = page n: byte n/8, bit n%8), in a memfd the back-end maps (LOG_SHMFD); the
+ * back-end sets bits with atomic ORs, and a sync thread takes them with atomic exchanges. */
+#define LOG_PAGE 4096ull
+#define LOG_SYNC_NS (100 * 1000000ull)
+
+struct dirty_log {
+    int fd;
+    uint64_t *words;
+    uint64_t nwords;
+    uint64_t size;                /* bytes, the SET_LOG_BASE mmap_size */
+    pthread_t thread;
+    bool stop;                    /* atomic */
+    uint64_t pages, syncs;        /* pages seen set, syncs done (the sync thread's) */
+    uint64_t outside;             /* pages seen set outside guest RAM: a back-end bug */
+    uint64_t first_page, end_page;   /* guest RAM in pages */
+};
+
+static void log_create(struct dirty_log *l, const struct ram *r)
+{
+    uint64_t pages = (GPA_BASE + r->size + LOG_PAGE - 1) / LOG_PAGE;
+    l->nwords = (pages + 63) / 64;
+    l->size = l->nwords * 8;
+    l->first_page = GPA_BASE / LOG_PAGE;
+    l->end_page = (GPA_BASE + r->size) / LOG_PAGE;
+    l->fd = memfd_create("blkfe-dirty-log", MFD_CLOEXEC);
+    if (l->fd < 0 || ftruncate(l->fd, (off_t)align_up(l->size, 4096)) < 0)
+        die(EXIT_SETUP, "memfd for the dirty log: %s", strerror(errno));
+    l->words = mmap(NULL, align_up(l->size, 4096), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                    l->fd, 0);
+    if (l->words == MAP_FAILED)
+        die(EXIT_SETUP, "mmap the dirty log: %s", strerror(errno));
+}
+
+/* SET_LOG_BASE is answered with a u64 whatever REPLY_ACK says.  Its value means nothing:
+ * QEMU reads the reply and ignores it, and libvhost-user (qemu-storage-daemon) echoes the
+ * request's first word (mmap_size) instead of 0, so only its arrival is checked. */
+static void vu_set_log_base(struct vu_conn *c, const struct dirty_log *l)
+{
+    struct {
+        uint64_t mmap_size;
+        uint64_t mmap_offset;
+    } base = { l->size, 0 };
+    uint64_t value = 0;
+    vu_send(c, VU_SET_LOG_BASE, false, &base, sizeof(base), &l->fd, 1);
+    if (vu_recv_reply(c, VU_SET_LOG_BASE, &value, sizeof(value)) != sizeof(value))
+        die(EXIT_BACKEND, "reply to SET_LOG_BASE is not a u64");
+}
+
+/* One pass over the bitmap, like QEMU's vhost_dev_sync_region(): a word that reads zero is
+ * skipped, any other is exchanged with 0 and its bits counted. */
+static void log_sync(struct dirty_log *l)
+{
+    uint64_t pages = 0, outside = 0;
+    for (uint64_t i = 0; i < l->nwords; i++) {
+        if (__atomic_load_n(&l->words[i], __ATOMIC_RELAXED) == 0)
+            continue;
+        uint64_t w = __atomic_exchange_n(&l->words[i], 0, __ATOMIC_SEQ_CST);
+        pages += (uint64_t)__builtin_popcountll(w);
+        for (; w; w &= w - 1) {
+            uint64_t page = i * 64 + (uint64_t)__builtin_ctzll(w);
+            outside += page < l->first_page || page >= l->end_page;
+        }
+    }
+    l->pages += pages;
+    l->outside += outside;
+    l->syncs++;
+}
+
+static void *log_main(void *arg)
+{
+    struct dirty_log *l = arg;
+    while (!__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE)) {
+        struct timespec ts = { 0, (long)LOG_SYNC_NS };
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+            ;
+        log_sync(l);
+    }
+    return NULL;
+}
+
+static void log_start(struct dirty_log *l)
+{
+    int rc = pthread_create(&l->thread, NULL, log_main, l);
+    if (rc != 0)
+        die(EXIT_SETUP, "pthread_create: %s", strerror(rc));
+}
+
+/* Stops the sync thread and takes what the back-end logged since its last pass. */
+static void log_stop(struct dirty_log *l)
+{
+    __atomic_store_n(&l->stop, true, __ATOMIC_RELEASE);
+    pthread_join(l->thread, NULL);
+    log_sync(l);
 }
 
 /* --- split virtqueue, driver side -------------------------------------------------------- */
@@ -425,15 +544,18 @@ static void queue_layout(struct queue *q, struct ram *ram, uint16_t index, uint3
         die(EXIT_SETUP, "eventfd: %s", strerror(errno));
 }
 
-/* The usual QEMU sequence for one ring; the kick fd last, as it starts the ring. */
-static void vu_start_queue(struct vu_conn *c, const struct queue *q)
+/* The usual QEMU sequence for one ring; the kick fd last, as it starts the ring.  `log`:
+ * the device logs its used ring writes at the used ring's guest-physical address. */
+static void vu_start_queue(struct vu_conn *c, const struct queue *q, bool log)
 {
     struct vu_state num = { q->index, q->num }, base = { q->index, 0 }, enable = { q->index, 1 };
     struct vu_addr addr = {
         .index = q->index,
+        .flags = log ? VRING_F_LOG : 0,
         .desc = (uint64_t)(uintptr_t)q->desc,
         .used = (uint64_t)(uintptr_t)q->used,
         .avail = (uint64_t)(uintptr_t)q->avail,
+        .log = log ? ram_gpa(q->ram, q->used) : 0,
     };
     uint64_t idx = q->index;
     vu_request(c, VU_SET_VRING_NUM, &num, sizeof(num), NULL, 0, false);
@@ -657,7 +779,7 @@ struct options {
     uint64_t offset_mib, size_mib;   /* size 0: to the end of the disk */
     uint64_t ram_mib;
     uint64_t seed;
-    bool event_idx, verify, check_only, sync;
+    bool event_idx, verify, check_only, sync, log;
     int cpus[64];
     int ncpus;
 };
@@ -670,6 +792,7 @@ struct run {
     uint64_t range_first, range_blocks;   /* blocks of bs */
     bool flush;                  /* VIRTIO_BLK_F_FLUSH negotiated */
     struct queue *q;
+    struct dirty_log log;        /* --log */
     pthread_barrier_t start, phase;
     uint32_t finished;           /* queue threads done (atomic) */
 };
@@ -805,7 +928,10 @@ static void usage(FILE *f)
           "  --verify         write a pattern over the range, flush, read back and compare\n"
           "  --check          only read the range back and compare (after a --verify)\n"
           "  --sync           print READY and wait for a stdin line before the run; after the\n"
-          "                   JSON line wait for stdin EOF before disconnecting\n", f);
+          "                   JSON line wait for stdin EOF before disconnecting\n"
+          "  --log            dirty-page logging as during a migration: negotiate LOG_ALL and\n"
+          "                   LOG_SHMFD, share a bitmap (SET_LOG_BASE), log used rings, and\n"
+          "                   clear the bitmap every 100 ms (counted as logged_pages)\n", f);
 }
 
 static uint64_t parse_u64(const char *name, const char *s, uint64_t min, uint64_t max)
@@ -842,7 +968,7 @@ static void parse_options(struct options *o, int argc, char **argv)
         { "no-event-idx", no_argument, NULL, 'E' }, { "ram-mib", required_argument, NULL, 'm' },
         { "seed", required_argument, NULL, 's' },   { "verify", no_argument, NULL, 'V' },
         { "sync", no_argument, NULL, 'Y' },         { "help", no_argument, NULL, 'h' },
-        { "check", no_argument, NULL, 'C' },
+        { "check", no_argument, NULL, 'C' },         { "log", no_argument, NULL, 'L' },
         { NULL, 0, NULL, 0 },
     };
     *o = (struct options){ .mode = RANDREAD, .bs = 4096, .qd = 32, .queues = 1, .seconds = 5,
@@ -878,6 +1004,7 @@ static void parse_options(struct options *o, int argc, char **argv)
         case 'V': o->verify = true; break;
         case 'C': o->verify = o->check_only = true; break;
         case 'Y': o->sync = true; break;
+        case 'L': o->log = true; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(EXIT_SETUP);
         }
@@ -926,7 +1053,7 @@ static void setup(struct run *r)
     const struct options *o = &r->opt;
     struct vu_conn *c = &r->conn;
     vu_connect(c, o->socket);
-    uint64_t offered = vu_negotiate(c, o->queues);
+    uint64_t offered = vu_negotiate(c, o->queues, o->log);
     r->capacity = vu_capacity_sectors(c) * SECTOR;
     set_range(r);
 
@@ -935,6 +1062,8 @@ static void setup(struct run *r)
         c->features |= offered & BIT(F_RING_EVENT_IDX);
     if (o->queues > 1)
         c->features |= BIT(F_BLK_MQ);
+    if (o->log)
+        c->features |= BIT(F_LOG_ALL);
     r->flush = c->features & BIT(F_BLK_FLUSH);
     vu_request(c, VU_SET_FEATURES, &c->features, sizeof(c->features), NULL, 0, false);
 
@@ -959,8 +1088,12 @@ static void setup(struct run *r)
             fill_pattern(slot_data(q, s), q->bs, s, o->seed);
     }
     vu_set_mem_table(c, &r->ram);
+    if (o->log) {
+        log_create(&r->log, &r->ram);
+        vu_set_log_base(c, &r->log);
+    }
     for (uint32_t i = 0; i < o->queues; i++)
-        vu_start_queue(c, &r->q[i]);
+        vu_start_queue(c, &r->q[i], o->log);
     /* Without REPLY_ACK nothing confirmed the ring setup: any reply does, since the back-end
      * serves requests in order. */
     if (!(c->protocol & BIT(PF_REPLY_ACK)))
@@ -994,6 +1127,9 @@ static bool report(const struct run *r)
            hist_percentile(&lat, 99) / 1e3, hist_percentile(&lat, 99.9) / 1e3,
            (double)lat.sum / n / 1e3, (double)lat.max / 1e3, (double)kicks / n,
            (double)wakeups / n, errors);
+    if (o->log)
+        printf(", \"log\": true, \"logged_pages\": %" PRIu64 ", \"log_syncs\": %" PRIu64
+               ", \"logged_pages_outside_ram\": %" PRIu64, r->log.pages, r->log.syncs, r->log.outside);
     if (o->verify)
         printf(", \"verify\": \"%s\", \"bytes_verified\": %" PRIu64 ", \"mismatched_sectors\": %" PRIu64,
                errors || mismatches ? "failed" : "ok", r->range_blocks * o->bs, mismatches);
@@ -1031,10 +1167,14 @@ int main(int argc, char **argv)
         if (!wait_stdin_line())
             die(EXIT_SETUP, "--sync: stdin closed before the go line");
     }
+    if (r.opt.log)
+        log_start(&r.log);
     pthread_barrier_wait(&r.start);
     watch_run(&r);
     for (uint32_t i = 0; i < Q; i++)
         pthread_join(r.q[i].thread, NULL);
+    if (r.opt.log)
+        log_stop(&r.log);
     bool ok = report(&r);
     if (r.opt.sync)
         while (wait_stdin_line())
