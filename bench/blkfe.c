@@ -63,7 +63,6 @@ enum vu_request {
     VU_SET_FEATURES = 2,
     VU_SET_OWNER = 3,
     VU_SET_MEM_TABLE = 5,
-    VU_SET_LOG_BASE = 6,
     VU_SET_VRING_NUM = 8,
     VU_SET_VRING_ADDR = 9,
     VU_SET_VRING_BASE = 10,
@@ -80,12 +79,9 @@ enum vu_request {
 
 #define F_BLK_FLUSH 9
 #define F_BLK_MQ 12
-#define F_LOG_ALL 26
 #define PF_MQ 0
-#define PF_LOG_SHMFD 1
 #define PF_CONFIG 9
 #define BIT(n) (1ull << (n))
-#define VRING_F_LOG 1u          /* SET_VRING_ADDR flags: log used ring writes at log */
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
@@ -338,104 +334,6 @@ static void vu_set_mem_table(struct vu_conn *c, const struct ram *r)
     m.region[0].uva = (uint64_t)(uintptr_t)r->base;
     m.region[0].mmap_offset = 0;
     vu_request(c, VU_SET_MEM_TABLE, &m, sizeof(m), &r->fd, 1, true);
-}
-
-/* --- dirty-page log (--log) ------------------------------------------------------------- */
-
-/* As QEMU's vhost during a migration: one bit per 4 KiB guest-physical page from GPA 0
- * (bit n = page n: byte n/8, bit n%8), in a memfd the back-end maps (LOG_SHMFD); the
- * back-end sets bits with atomic ORs, and a sync thread takes them with atomic exchanges. */
-#define LOG_PAGE 4096ull
-#define LOG_SYNC_NS (100 * 1000000ull)
-
-struct dirty_log {
-    int fd;
-    uint64_t *words;
-    uint64_t nwords;
-    uint64_t size;                /* bytes, the SET_LOG_BASE mmap_size */
-    pthread_t thread;
-    bool stop;                    /* atomic */
-    uint64_t pages, syncs;        /* pages seen set, syncs done (the sync thread's) */
-    uint64_t outside;             /* pages seen set outside guest RAM: a back-end bug */
-    uint64_t first_page, end_page;   /* guest RAM in pages */
-};
-
-static void log_create(struct dirty_log *l, const struct ram *r)
-{
-    uint64_t pages = (GPA_BASE + r->size + LOG_PAGE - 1) / LOG_PAGE;
-    l->nwords = (pages + 63) / 64;
-    l->size = l->nwords * 8;
-    l->first_page = GPA_BASE / LOG_PAGE;
-    l->end_page = (GPA_BASE + r->size) / LOG_PAGE;
-    l->fd = memfd_create("blkfe-dirty-log", MFD_CLOEXEC);
-    if (l->fd < 0 || ftruncate(l->fd, (off_t)align_up(l->size, 4096)) < 0)
-        die(EXIT_SETUP, "memfd for the dirty log: %s", strerror(errno));
-    l->words = mmap(NULL, align_up(l->size, 4096), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                    l->fd, 0);
-    if (l->words == MAP_FAILED)
-        die(EXIT_SETUP, "mmap the dirty log: %s", strerror(errno));
-}
-
-/* SET_LOG_BASE is answered with a u64 whatever REPLY_ACK says.  Its value means nothing:
- * QEMU reads the reply and ignores it, and libvhost-user (qemu-storage-daemon) echoes the
- * request's first word (mmap_size) instead of 0, so only its arrival is checked. */
-static void vu_set_log_base(struct vu_conn *c, const struct dirty_log *l)
-{
-    struct {
-        uint64_t mmap_size;
-        uint64_t mmap_offset;
-    } base = { l->size, 0 };
-    uint64_t value = 0;
-    vu_send(c, VU_SET_LOG_BASE, false, &base, sizeof(base), &l->fd, 1);
-    if (vu_recv_reply(c, VU_SET_LOG_BASE, &value, sizeof(value)) != sizeof(value))
-        die(EXIT_BACKEND, "reply to SET_LOG_BASE is not a u64");
-}
-
-/* One pass over the bitmap, like QEMU's vhost_dev_sync_region(): a word that reads zero is
- * skipped, any other is exchanged with 0 and its bits counted. */
-static void log_sync(struct dirty_log *l)
-{
-    uint64_t pages = 0, outside = 0;
-    for (uint64_t i = 0; i < l->nwords; i++) {
-        if (__atomic_load_n(&l->words[i], __ATOMIC_RELAXED) == 0)
-            continue;
-        uint64_t w = __atomic_exchange_n(&l->words[i], 0, __ATOMIC_SEQ_CST);
-        pages += (uint64_t)__builtin_popcountll(w);
-        for (; w; w &= w - 1) {
-            uint64_t page = i * 64 + (uint64_t)__builtin_ctzll(w);
-            outside += page < l->first_page || page >= l->end_page;
-        }
-    }
-    l->pages += pages;
-    l->outside += outside;
-    l->syncs++;
-}
-
-static void *log_main(void *arg)
-{
-    struct dirty_log *l = arg;
-    while (!__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE)) {
-        struct timespec ts = { 0, (long)LOG_SYNC_NS };
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-            ;
-        log_sync(l);
-    }
-    return NULL;
-}
-
-static void log_start(struct dirty_log *l)
-{
-    int rc = pthread_create(&l->thread, NULL, log_main, l);
-    if (rc != 0)
-        die(EXIT_SETUP, "pthread_create: %s", strerror(rc));
-}
-
-/* Stops the sync thread and takes what the back-end logged since its last pass. */
-static void log_stop(struct dirty_log *l)
-{
-    __atomic_store_n(&l->stop, true, __ATOMIC_RELEASE);
-    pthread_join(l->thread, NULL);
-    log_sync(l);
 }
 
 /* --- split virtqueue, driver side -------------------------------------------------------- */
@@ -792,7 +690,7 @@ struct run {
     uint64_t range_first, range_blocks;   /* blocks of bs */
     bool flush;                  /* VIRTIO_BLK_F_FLUSH negotiated */
     struct queue *q;
-    struct dirty_log log;        /* --log */
+    struct vu_log log;           /* --log */
     pthread_barrier_t start, phase;
     uint32_t finished;           /* queue threads done (atomic) */
 };
@@ -1089,8 +987,8 @@ static void setup(struct run *r)
     }
     vu_set_mem_table(c, &r->ram);
     if (o->log) {
-        log_create(&r->log, &r->ram);
-        vu_set_log_base(c, &r->log);
+        vu_log_create(&r->log, GPA_BASE, r->ram.size);
+        vu_log_set_base(c, &r->log);
     }
     for (uint32_t i = 0; i < o->queues; i++)
         vu_start_queue(c, &r->q[i], o->log);
@@ -1128,8 +1026,7 @@ static bool report(const struct run *r)
            (double)lat.sum / n / 1e3, (double)lat.max / 1e3, (double)kicks / n,
            (double)wakeups / n, errors);
     if (o->log)
-        printf(", \"log\": true, \"logged_pages\": %" PRIu64 ", \"log_syncs\": %" PRIu64
-               ", \"logged_pages_outside_ram\": %" PRIu64, r->log.pages, r->log.syncs, r->log.outside);
+        vu_log_print_json(&r->log);
     if (o->verify)
         printf(", \"verify\": \"%s\", \"bytes_verified\": %" PRIu64 ", \"mismatched_sectors\": %" PRIu64,
                errors || mismatches ? "failed" : "ok", r->range_blocks * o->bs, mismatches);
@@ -1168,13 +1065,13 @@ int main(int argc, char **argv)
             die(EXIT_SETUP, "--sync: stdin closed before the go line");
     }
     if (r.opt.log)
-        log_start(&r.log);
+        vu_log_start(&r.log);
     pthread_barrier_wait(&r.start);
     watch_run(&r);
     for (uint32_t i = 0; i < Q; i++)
         pthread_join(r.q[i].thread, NULL);
     if (r.opt.log)
-        log_stop(&r.log);
+        vu_log_stop(&r.log);
     bool ok = report(&r);
     if (r.opt.sync)
         while (wait_stdin_line())

@@ -13,6 +13,14 @@ for every back-end.  No frame leaves the two processes, so no namespace is neede
 The front-end busy-polls too and costs tens of ns per frame, so a fast back-end can be limited
 by it: `ring_full_pct` (guest TX: share of the front-end's sends a full ring refused) near 0
 means the front-end, not the back-end, set the pace.  Runs interleave per round.
+
+Dirty-page logging (live migration): testpmd's virtio_user cannot turn it on, so two more
+back-end names (not run by default) drive `vhostd net --backend null` with bench/tsofe.c
+instead, an interrupt-driven C front-end like a guest's driver (plain 60-byte frames for guest
+TX, 2 KiB RX buffers for guest RX): `vhostd-cfe` and `vhostd-cfe-log`, the latter with
+`tsofe --log` (VHOST_F_LOG_ALL, LOG_SHMFD, a bitmap synced every 100 ms as QEMU does while
+migrating).  Their rate is vhostd's own frame counter over the window (the same counter as
+`vhostd_counted_mpps` of the testpmd runs), and `log_vs_nolog` compares the two same-round.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import Benchmark, BenchError, Process, Row, progress
+from bench import Benchmark, BenchError, Process, Row, cpu_seconds, progress
 from bench import _net as net
 from bench._net import ANCHOR, TestPmd
+from bench.tso import TsoFrontend, build_tsofe
 from vhostd import control as ctl
 
 PAYLOAD = 60  # a 64 B Ethernet frame without its FCS
@@ -54,6 +63,10 @@ VHOSTD_VARIANTS = {
     "vhostd-poll200": ["--poll-us", "200"],
 }
 DEFAULT_BACKENDS = ("vhostd", "vhostd-poll50", "vhostd-poll200", ANCHOR)
+# Back-end name -> extra tsofe options: vhostd's default workers driven by bench/tsofe.c
+# (which, unlike testpmd, can turn dirty-page logging on).  Not run by default.
+CFE_VARIANTS = {"vhostd-cfe": [], "vhostd-cfe-log": ["--log"]}
+LOG_PAIR = ("vhostd-cfe-log", "vhostd-cfe")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds of traffic before the window opens (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
-                   help=f"comma-separated, from {', '.join([*VHOSTD_VARIANTS, ANCHOR])} "
-                        f"(default: all); ratios are against {ANCHOR}")
+                   help=f"comma-separated, from {', '.join([*VHOSTD_VARIANTS, ANCHOR, *CFE_VARIANTS])} "
+                        f"(default {','.join(DEFAULT_BACKENDS)}); ratios are against {ANCHOR}, "
+                        f"and {LOG_PAIR[0]} against {LOG_PAIR[1]} (log_vs_nolog)")
     p.add_argument("--directions", default="tx,rx", help="tx (guest TX), rx (guest RX) or both")
     p.add_argument("--queue-size", type=int, default=1024,
                    help="virtio_user ring size (default 1024)")
@@ -202,6 +216,68 @@ def result_row(backend: str, direction: Direction, rnd: int, rc: int, s0: Sample
     }
 
 
+def run_one_cfe(backend: str, direction: Direction, workdir: Path, args: argparse.Namespace,
+                rnd: int, tsofe: Path) -> Row:
+    """vhostd --backend null driven by tsofe: the window is opened after --warmup and read from
+    vhostd's own counters (tsofe runs a second longer, so traffic never stops inside it)."""
+    tag = f"{backend}-{direction.name}-r{rnd}"
+    sock, control = workdir / f"{backend}.sock", workdir / f"{backend}.control"
+    sock.unlink(missing_ok=True)
+    be = start_vhostd(sock, control, workdir / f"{tag}.log", list(args.vhostd_args))
+    options = [*(["--rx"] if direction.name == "rx" else ["--frame", str(PAYLOAD)]),
+               "--ring", str(args.queue_size), *CFE_VARIANTS[backend]]
+    try:
+        fe = TsoFrontend(tsofe, sock, args.warmup + args.seconds + 1, None,
+                         workdir / f"tsofe-{tag}.log", options)
+        try:
+            fe.start()
+            time.sleep(args.warmup)
+
+            def snap() -> tuple[float, float, float, float, dict[str, int] | None]:
+                return (time.monotonic(), be.cpu_seconds(), net.run_delay(be.pid),
+                        net.run_delay(fe.pid), vhostd_counters(control, direction))
+            t0, cpu0, bw0, fw0, c0 = snap()
+            time.sleep(args.seconds)
+            t1, cpu1, bw1, fw1, c1 = snap()
+            res = fe.result()
+            fe_cpu = cpu_seconds(fe.pid)
+        finally:
+            fe_rc = fe.close()
+    finally:
+        rc = net.stop_backend(backend, be)
+    if fe_rc != 0 or c0 is None or c1 is None:
+        raise BenchError(f"{tag}: tsofe exited {fe_rc}, counters {c0} {c1}\n{net.log_tail(be)}")
+    if "--log" in options and (not res.get("logged_pages") or res.get("logged_pages_outside_ram")):
+        raise BenchError(f"{tag}: tsofe --log saw {res.get('logged_pages')} pages logged, "
+                         f"{res.get('logged_pages_outside_ram')} outside guest RAM")
+    own = {k: c1[k] - c0[k] for k in c0}
+    frames, window, cpu = own["frames"], t1 - t0, cpu1 - cpu0
+    if frames <= 0:
+        raise BenchError(f"{tag}: no frames moved\n{net.log_tail(be)}")
+    return {
+        "backend": backend, "direction": direction.name, "round": rnd, "exit_rc": rc,
+        "mpps": frames / window / 1e6,
+        "frames": frames, "window_s": window,
+        "cpu_pct": 100 * cpu / window,
+        "cpu_ns_per_frame": cpu / frames * 1e9,
+        "be_wait_pct": 100 * (bw1 - bw0) / window,
+        "fe_wait_pct": 100 * (fw1 - fw0) / window,
+        "ring_full_pct": None,
+        "vhostd_counted_mpps": frames / window / 1e6,
+        "kicks_per_kframe": 1000 * own["kicks"] / frames,
+        "calls_per_kframe": 1000 * own["calls"] / frames,
+        "frames_per_batch": own["frames"] / own["batches"] if own["batches"] else None,
+        # tsofe's own rate over its whole run (warm-up and tail included): a check.
+        "tsofe_mpps": res["mpps"],
+        "tsofe_cpu_s": fe_cpu,
+        "logged_pages": res.get("logged_pages"),
+        "log_syncs": res.get("log_syncs"),
+        # Over tsofe's whole run, summed over its 100 ms syncs.
+        "logged_pages_per_s": (res["logged_pages"] / res["seconds"]
+                               if res.get("logged_pages") is not None else None),
+    }
+
+
 # --- summary -----------------------------------------------------------------------------------
 
 
@@ -217,6 +293,16 @@ def summarize(runs: list[Row], backends: list[str], directions: list[str],
 
             ratio = (net.median_or_none(net.ratio_by_round(runs, "mpps", b, ANCHOR, direction=d))
                      if ANCHOR in backends and b != ANCHOR else None)
+            log_cols: Row = {}
+            if all(n in backends for n in LOG_PAIR):
+                on = b == LOG_PAIR[0]
+                log_cols = {
+                    "log_vs_nolog": net.median_or_none(net.ratio_by_round(
+                        runs, "mpps", b, LOG_PAIR[1], direction=d)) if on else None,
+                    "ns_log_vs_nolog": net.median_or_none(net.ratio_by_round(
+                        runs, "cpu_ns_per_frame", b, LOG_PAIR[1], direction=d)) if on else None,
+                    "logged_pages_per_s": med("logged_pages_per_s"),
+                }
             rows.append({
                 "direction": "guest TX" if d == "tx" else "guest RX",
                 "backend": b,
@@ -229,6 +315,7 @@ def summarize(runs: list[Row], backends: list[str], directions: list[str],
                 "frames_per_batch": med("frames_per_batch"),
                 "be_wait_pct": med("be_wait_pct"),
                 "fe_wait_pct": med("fe_wait_pct"),
+                **log_cols,
                 # Runs still contended after their retries: their rates say little.
                 "contended_runs": sum(net.contention(r) > max_wait for r in mine),
                 "per_run": mine,
@@ -245,18 +332,21 @@ def names(spec: str, known: list[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    backends = names(args.backends, [*VHOSTD_VARIANTS, ANCHOR], "back-ends")
+    backends = names(args.backends, [*VHOSTD_VARIANTS, ANCHOR, *CFE_VARIANTS], "back-ends")
     directions = names(args.directions, list(DIRECTIONS), "directions")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vhostd-bench-null-"))
     workdir.mkdir(parents=True, exist_ok=True)
     runs: list[Row] = []
     try:
+        tsofe = build_tsofe(workdir) if any(b in CFE_VARIANTS for b in backends) else None
         for rnd in range(1, args.rounds + 1):
             for d in directions:
                 for b in backends:
                     progress(f"net-null round {rnd}/{args.rounds}: guest {d.upper()} {b}")
-                    runs.append(net.least_contended(
-                        partial(run_one, b, DIRECTIONS[d], workdir, args, rnd), args))
+                    one = (partial(run_one_cfe, b, DIRECTIONS[d], workdir, args, rnd, tsofe)
+                           if tsofe is not None and b in CFE_VARIANTS else
+                           partial(run_one, b, DIRECTIONS[d], workdir, args, rnd))
+                    runs.append(net.least_contended(one, args))
                     r = runs[-1]
                     progress(f"  {r['mpps']:.3f} Mpps, back-end CPU {r['cpu_pct']:.0f}%"
                              + (f", vhostd counted {r['vhostd_counted_mpps']:.3f}"

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bench import PACKAGE_DIR, Benchmark, BenchError, Row, cpu_seconds, progress
 from bench import _net as net
@@ -91,10 +91,14 @@ def build_tsofe(dest_dir: Path) -> Path:
 class TsoFrontend:
     """One `tsofe --sync` run on CPU 1: READY, go, (the window), JSON line, stdin closed."""
 
-    def __init__(self, binary: Path, sock: Path, seconds: float, args: argparse.Namespace,
-                 log_path: Path) -> None:
-        argv = [str(binary), "--socket", str(sock), "--seconds", f"{seconds:g}",
-                "--mss", str(args.mss), "--segments", str(args.segments), "--ring", str(args.ring),
+    def __init__(self, binary: Path, sock: Path, seconds: float, args: argparse.Namespace | None,
+                 log_path: Path, options: Sequence[str] | None = None) -> None:
+        """`options` replace the TSO frame options taken from `args` (net-null's --rx etc.)."""
+        if options is None:
+            assert args is not None
+            options = ["--mss", str(args.mss), "--segments", str(args.segments),
+                       "--ring", str(args.ring)]
+        argv = [str(binary), "--socket", str(sock), "--seconds", f"{seconds:g}", *options,
                 "--cpu", str(net.FRONTEND_CPU), "--sync"]
         self.log_path = log_path
         self._log = open(log_path, "wb")

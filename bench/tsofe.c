@@ -1,4 +1,5 @@
-/* tsofe: a vhost-user-net front-end (the guest driver's TX side) that sends large TSO frames.
+/* tsofe: a vhost-user-net front-end (the guest driver's TX side) that sends large TSO frames
+ * (or, for the net-null benchmark, small plain frames, or receives: --frame, --rx).
  *
  * dpdk-testpmd's txonly engine makes only small UDP frames, and its csum engine segments only
  * what it receives; a guest's TCP stack hands its virtio-net driver 64 KiB GSO frames.  tsofe
@@ -11,7 +12,14 @@
  * used, re-post the used chains at once, kick once per batch when the device wants a kick.
  *
  *   tsofe --socket PATH [--seconds S] [--mss N] [--segments N] [--ring N] [--buffers N]
- *         [--cpu C] [--sync]
+ *         [--cpu C] [--sync] [--frame N | --rx] [--log]
+ *
+ * --frame N sends plain N-byte Ethernet frames instead (a zeroed virtio-net header: no GSO,
+ * no checksum offload).  --rx is the guest's RX side instead: the RX ring is kept full of
+ * device-writable 2 KiB buffers and the TX ring stays empty; frames are what the device
+ * filled.  --log turns on dirty-page logging as while QEMU migrates the guest (LOG_ALL,
+ * LOG_SHMFD, SET_LOG_BASE, VHOST_VRING_F_LOG on both rings, a 100 ms sync thread; see
+ * vu_client.h) and adds logged_pages to the JSON line.
  *
  * Frames go to 02:00:00:00:00:02 (no host's MAC), so a tap's kernel side drops them at once
  * (PACKET_OTHERHOST) after counting them: what is measured is the way into the tap.
@@ -76,6 +84,8 @@ enum vu_request {
 #define HDRS_LEN (ETH_LEN + IP_LEN + TCP_LEN)
 #define RX_RING 0
 #define TX_RING 1
+#define RX_BUF 2048
+#define VRING_DESC_F_WRITE 2
 
 
 struct virtio_net_hdr_v1 {
@@ -121,17 +131,24 @@ static void vu_request(struct vu_conn *c, uint32_t req, const void *payload, uin
         die(EXIT_BACKEND, "back-end refused request %u", req);
 }
 
-/* QEMU's order: features, protocol features, owner, then SET_FEATURES with what we use. */
-static void vu_negotiate(struct vu_conn *c, bool event_idx)
+/* QEMU's order: features, protocol features, owner, then SET_FEATURES with what we use.
+ * `log`: LOG_ALL and LOG_SHMFD too (exit 2 if the back-end does not offer them). */
+static void vu_negotiate(struct vu_conn *c, bool event_idx, bool log)
 {
     uint64_t offered = vu_get_u64(c, VU_GET_FEATURES);
-    uint64_t need = BIT(F_VERSION_1) | BIT(F_NET_CSUM) | BIT(F_NET_HOST_TSO4);
+    uint64_t need = BIT(F_VERSION_1) | BIT(F_NET_CSUM) | BIT(F_NET_HOST_TSO4) | (log ? BIT(F_LOG_ALL) : 0);
     if ((offered & need) != need)
-        die(EXIT_SETUP, "back-end does not offer VERSION_1, CSUM and HOST_TSO4 (features %#" PRIx64 ")",
-            offered);
+        die(EXIT_SETUP, "back-end does not offer VERSION_1, CSUM and HOST_TSO4%s (features %#" PRIx64 ")",
+            log ? " and LOG_ALL" : "", offered);
     if (offered & BIT(F_PROTOCOL_FEATURES)) {
-        c->protocol = vu_get_u64(c, VU_GET_PROTOCOL_FEATURES) & BIT(PF_REPLY_ACK);
+        uint64_t pf = vu_get_u64(c, VU_GET_PROTOCOL_FEATURES);
+        if (log && !(pf & BIT(PF_LOG_SHMFD)))
+            die(EXIT_SETUP, "--log: back-end does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD "
+                "(protocol features %#" PRIx64 ")", pf);
+        c->protocol = pf & (BIT(PF_REPLY_ACK) | (log ? BIT(PF_LOG_SHMFD) : 0));
         vu_request(c, VU_SET_PROTOCOL_FEATURES, &c->protocol, sizeof(c->protocol), -1, false);
+    } else if (log) {
+        die(EXIT_SETUP, "--log: back-end offers no protocol features (LOG_SHMFD needs them)");
     }
     vu_request(c, VU_SET_OWNER, NULL, 0, -1, false);
     c->features = need | (offered & BIT(F_PROTOCOL_FEATURES));
@@ -208,12 +225,14 @@ static void ring_layout(struct ring *q, struct ram *ram, uint16_t index, uint32_
         die(EXIT_SETUP, "eventfd: %s", strerror(errno));
 }
 
-static void vu_start_ring(struct vu_conn *c, const struct ring *q)
+/* log_used_gpa: the used ring's guest-physical address with --log (VHOST_VRING_F_LOG), or 0. */
+static void vu_start_ring(struct vu_conn *c, const struct ring *q, uint64_t log_used_gpa)
 {
     struct vu_state num = { q->index, q->num }, base = { q->index, 0 }, enable = { q->index, 1 };
-    struct vu_addr addr = { .index = q->index, .desc = (uint64_t)(uintptr_t)q->desc,
+    struct vu_addr addr = { .index = q->index, .flags = log_used_gpa ? VRING_F_LOG : 0,
+                            .desc = (uint64_t)(uintptr_t)q->desc,
                             .used = (uint64_t)(uintptr_t)q->used,
-                            .avail = (uint64_t)(uintptr_t)q->avail };
+                            .avail = (uint64_t)(uintptr_t)q->avail, .log = log_used_gpa };
     uint64_t idx = q->index;
     vu_request(c, VU_SET_VRING_NUM, &num, sizeof(num), -1, false);
     vu_request(c, VU_SET_VRING_BASE, &base, sizeof(base), -1, false);
@@ -251,15 +270,17 @@ static void ring_add(struct ring *q, uint16_t head)
     q->avail_idx++;
 }
 
-/* Re-posts every chain the device used; returns how many. */
-static uint32_t ring_recycle(struct ring *q)
+/* Re-posts every chain the device used; returns how many (their used lengths add to *bytes). */
+static uint32_t ring_recycle(struct ring *q, uint64_t *bytes)
 {
     uint16_t end = __atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE);
     uint32_t n = 0;
     for (; q->last_used != end; q->last_used++, n++) {
-        uint32_t id = __atomic_load_n(&q->used->ring[q->last_used & (q->num - 1)].id, __ATOMIC_RELAXED);
+        const struct vring_used_elem *e = &q->used->ring[q->last_used & (q->num - 1)];
+        uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
         if (id >= q->num)
             die(EXIT_BACKEND, "device used id %u of a ring of %u", id, q->num);
+        *bytes += __atomic_load_n(&e->len, __ATOMIC_RELAXED);
         ring_add(q, (uint16_t)id);
     }
     return n;
@@ -292,7 +313,7 @@ static void ring_wait(struct ring *q, int sock, uint64_t until)
     if (poll(p, 3, ms) < 0 && errno != EINTR)
         die(EXIT_BACKEND, "poll: %s", strerror(errno));
     if (p[1].revents)
-        die(EXIT_BACKEND, "the back-end signalled a broken TX ring");
+        die(EXIT_BACKEND, "the back-end signalled a broken ring %u", q->index);
     if (p[2].revents)
         die(EXIT_BACKEND, "the back-end closed the connection");
     eventfd_t v;
@@ -368,14 +389,26 @@ static uint32_t build_frame(uint8_t *buf, uint32_t payload, uint16_t mss, uint32
     return (uint32_t)sizeof(h) + HDRS_LEN + payload;
 }
 
+/* A plain frame of `len` bytes (Ethernet header, zero payload) behind a zeroed header. */
+static uint32_t build_plain_frame(uint8_t *buf, uint32_t len)
+{
+    static const uint8_t macs[12] = { 2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1 };
+    memset(buf, 0, sizeof(struct virtio_net_hdr_v1) + len);
+    uint8_t *eth = buf + sizeof(struct virtio_net_hdr_v1);
+    memcpy(eth, macs, sizeof(macs));
+    put16(eth + 12, 0x0800);
+    return (uint32_t)sizeof(struct virtio_net_hdr_v1) + len;
+}
+
 /* --- options and the run ---------------------------------------------------------------- */
 
 struct options {
     const char *socket;
     double seconds;
     uint32_t mss, segments, ring, buffers;
+    uint32_t frame;                 /* --frame: plain frames of this size; 0: GSO frames */
     int cpu;
-    bool sync, event_idx;
+    bool sync, event_idx, rx, log;
 };
 
 static void usage(FILE *f)
@@ -388,7 +421,10 @@ static void usage(FILE *f)
           "  --buffers N      distinct frame buffers, cycled over the ring (default: ring)\n"
           "  --cpu C          pin to CPU C\n"
           "  --no-event-idx   do not negotiate VIRTIO_F_EVENT_IDX\n"
-          "  --sync           READY, wait for a stdin line, run; after the JSON line wait for EOF\n", f);
+          "  --sync           READY, wait for a stdin line, run; after the JSON line wait for EOF\n"
+          "  --frame N        send plain N-byte frames (no GSO, no checksum offload)\n"
+          "  --rx             receive instead: keep the RX ring full of 2 KiB buffers\n"
+          "  --log            dirty-page logging on, as during a migration (logged_pages)\n", f);
 }
 
 static uint64_t parse_u64(const char *name, const char *s, uint64_t min, uint64_t max)
@@ -409,6 +445,8 @@ static void parse_options(struct options *o, int argc, char **argv)
         { "ring", required_argument, NULL, 'r' },    { "buffers", required_argument, NULL, 'b' },
         { "cpu", required_argument, NULL, 'c' },     { "sync", no_argument, NULL, 'Y' },
         { "no-event-idx", no_argument, NULL, 'E' },  { "help", no_argument, NULL, 'h' },
+        { "frame", required_argument, NULL, 'f' },   { "rx", no_argument, NULL, 'R' },
+        { "log", no_argument, NULL, 'L' },
         { NULL, 0, NULL, 0 },
     };
     *o = (struct options){ .seconds = 5, .mss = 1448, .segments = 45, .ring = 256, .cpu = -1,
@@ -431,6 +469,9 @@ static void parse_options(struct options *o, int argc, char **argv)
         case 'c': o->cpu = (int)parse_u64("cpu", optarg, 0, CPU_SETSIZE - 1); break;
         case 'Y': o->sync = true; break;
         case 'E': o->event_idx = false; break;
+        case 'f': o->frame = (uint32_t)parse_u64("frame", optarg, ETH_LEN, 1514); break;
+        case 'R': o->rx = true; break;
+        case 'L': o->log = true; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(EXIT_SETUP);
         }
@@ -454,6 +495,7 @@ struct run {
     struct ram ram;
     struct ring rx, tx;
     uint32_t payload, frame_len;
+    struct vu_log log;              /* --log */
 };
 
 /* Every TX descriptor points at one of the frame buffers; all are posted at once. */
@@ -461,38 +503,55 @@ static void setup(struct run *r)
 {
     const struct options *o = &r->opt;
     vu_connect(&r->conn, o->socket);
-    vu_negotiate(&r->conn, o->event_idx);
+    vu_negotiate(&r->conn, o->event_idx, o->log);
     bool event_idx = r->conn.features & BIT(F_RING_EVENT_IDX);
-    r->payload = o->mss * o->segments;
-    uint64_t buf_size = align_up(sizeof(struct virtio_net_hdr_v1) + HDRS_LEN + r->payload, 4096);
+    r->payload = o->rx ? 0 : o->frame ? o->frame : o->mss * o->segments;
+    uint64_t buf_size = o->rx ? RX_BUF
+                              : align_up(sizeof(struct virtio_net_hdr_v1) + HDRS_LEN + r->payload, o->frame ? 64 : 4096);
     ram_create(&r->ram, 2 * ring_bytes(o->ring) + (uint64_t)o->buffers * buf_size + 4096);
     ring_layout(&r->rx, &r->ram, RX_RING, o->ring, event_idx);
     ring_layout(&r->tx, &r->ram, TX_RING, o->ring, event_idx);
     uint8_t *bufs = ram_alloc(&r->ram, (uint64_t)o->buffers * buf_size);
-    for (uint32_t b = 0; b < o->buffers; b++)
-        r->frame_len = build_frame(bufs + b * buf_size, r->payload, (uint16_t)o->mss, b * r->payload);
-    for (uint32_t i = 0; i < o->ring; i++) {
-        r->tx.desc[i] = (struct vring_desc){ ram_gpa(&r->ram, bufs + (i % o->buffers) * buf_size),
-                                             r->frame_len, 0, 0 };
-        ring_add(&r->tx, (uint16_t)i);
+    if (o->rx) {
+        /* Device-writable buffers, one per descriptor (the RX ring); the TX ring stays empty. */
+        for (uint32_t i = 0; i < o->ring; i++) {
+            r->rx.desc[i] = (struct vring_desc){ ram_gpa(&r->ram, bufs + (i % o->buffers) * buf_size),
+                                                 RX_BUF, VRING_DESC_F_WRITE, 0 };
+            ring_add(&r->rx, (uint16_t)i);
+        }
+    } else {
+        for (uint32_t b = 0; b < o->buffers; b++)
+            r->frame_len = o->frame ? build_plain_frame(bufs + b * buf_size, o->frame)
+                                    : build_frame(bufs + b * buf_size, r->payload, (uint16_t)o->mss,
+                                                  b * r->payload);
+        for (uint32_t i = 0; i < o->ring; i++) {
+            r->tx.desc[i] = (struct vring_desc){ ram_gpa(&r->ram, bufs + (i % o->buffers) * buf_size),
+                                                 r->frame_len, 0, 0 };
+            ring_add(&r->tx, (uint16_t)i);
+        }
     }
     struct vu_mem m = { .nregions = 1, .region = { { .gpa = GPA_BASE, .size = r->ram.size,
                                                      .uva = (uint64_t)(uintptr_t)r->ram.base } } };
     vu_request(&r->conn, VU_SET_MEM_TABLE, &m, sizeof(m), r->ram.fd, true);
-    vu_start_ring(&r->conn, &r->rx);
-    vu_start_ring(&r->conn, &r->tx);
+    if (o->log) {
+        vu_log_create(&r->log, GPA_BASE, r->ram.size);
+        vu_log_set_base(&r->conn, &r->log);
+    }
+    vu_start_ring(&r->conn, &r->rx, o->log ? ram_gpa(&r->ram, r->rx.used) : 0);
+    vu_start_ring(&r->conn, &r->tx, o->log ? ram_gpa(&r->ram, r->tx.used) : 0);
     if (!(r->conn.protocol & BIT(PF_REPLY_ACK)))
         vu_get_u64(&r->conn, VU_GET_FEATURES);   /* any reply: the setup before it was served */
 }
 
-/* Keeps the TX ring full until the deadline; returns the frames the device used. */
-static uint64_t send_loop(struct run *r, uint64_t deadline)
+/* Keeps the TX ring (--rx: the RX ring) full until the deadline; returns the frames the
+ * device used, and their used lengths in *bytes. */
+static uint64_t send_loop(struct run *r, uint64_t deadline, uint64_t *bytes)
 {
-    struct ring *q = &r->tx;
+    struct ring *q = r->opt.rx ? &r->rx : &r->tx;
     uint64_t frames = 0;
     ring_publish(q);
     while (now_ns() < deadline) {
-        uint32_t n = ring_recycle(q);
+        uint32_t n = ring_recycle(q, bytes);
         if (n == 0) {
             if (ring_arm_interrupt(q))
                 ring_wait(q, r->conn.sock, deadline);
@@ -534,16 +593,28 @@ int main(int argc, char **argv)
         if (!wait_stdin_line())
             die(EXIT_SETUP, "--sync: stdin closed before the go line");
     }
-    uint64_t t0 = now_ns();
-    uint64_t frames = send_loop(&r, t0 + (uint64_t)(r.opt.seconds * 1e9));
+    if (r.opt.log)
+        vu_log_start(&r.log);
+    uint64_t t0 = now_ns(), used_bytes = 0;
+    uint64_t frames = send_loop(&r, t0 + (uint64_t)(r.opt.seconds * 1e9), &used_bytes);
     double secs = (double)(now_ns() - t0) / 1e9, n = frames ? (double)frames : 1;
-    printf("{\"frames\": %" PRIu64 ", \"payload_bytes\": %" PRIu64 ", \"frame_len\": %u, "
-           "\"mss\": %u, \"segments\": %u, \"ring\": %u, \"buffers\": %u, \"event_idx\": %s, "
-           "\"seconds\": %.4f, \"gbps\": %.3f, \"kicks_per_frame\": %.4f, \"wakeups_per_frame\": %.4f}\n",
-           frames, frames * r.payload, r.frame_len - (uint32_t)sizeof(struct virtio_net_hdr_v1),
-           r.opt.mss, r.opt.segments, r.opt.ring, r.opt.buffers, r.tx.event_idx ? "true" : "false",
-           secs, (double)frames * r.payload * 8 / secs / 1e9, (double)r.tx.kicks / n,
-           (double)r.tx.wakeups / n);
+    if (r.opt.log)
+        vu_log_stop(&r.log);
+    const struct ring *q = r.opt.rx ? &r.rx : &r.tx;
+    /* RX: the bytes the device wrote, virtio-net header included. */
+    uint64_t payload = r.opt.rx ? used_bytes : frames * r.payload;
+    uint32_t frame_len = r.opt.rx ? 0 : r.frame_len - (uint32_t)sizeof(struct virtio_net_hdr_v1);
+    printf("{\"mode\": \"%s\", \"frames\": %" PRIu64 ", \"payload_bytes\": %" PRIu64
+           ", \"frame_len\": %u, \"mss\": %u, \"segments\": %u, \"ring\": %u, \"buffers\": %u, "
+           "\"event_idx\": %s, \"seconds\": %.4f, \"mpps\": %.4f, \"gbps\": %.3f, "
+           "\"kicks_per_frame\": %.4f, \"wakeups_per_frame\": %.4f",
+           r.opt.rx ? "rx" : r.opt.frame ? "tx-plain" : "tx-gso", frames, payload, frame_len,
+           r.opt.mss, r.opt.segments, r.opt.ring, r.opt.buffers, q->event_idx ? "true" : "false",
+           secs, (double)frames / secs / 1e6, (double)payload * 8 / secs / 1e9,
+           (double)q->kicks / n, (double)q->wakeups / n);
+    if (r.opt.log)
+        vu_log_print_json(&r.log);
+    printf("}\n");
     fflush(stdout);
     if (r.opt.sync)
         while (wait_stdin_line())
