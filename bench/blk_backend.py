@@ -202,6 +202,20 @@ DEFAULT_BACKENDS = ("vhostd", "qsd", "qsd-io_uring")
 # Back-end name -> extra blkfe options.
 FRONTEND_OPTIONS: dict[str, list[str]] = {"vhostd-log": ["--log"], "qsd-log": ["--log"]}
 LOG_SUFFIX = "-log"
+# `vhostd` run from another checkout (--baseline-tree, its native module built in place), e.g.
+# the commit before a change, to see that the change left the default path as fast as it was.
+BASELINE = "vhostd-baseline"
+
+
+def backend_argv(backend: str, image: Path, sock: Path, queues: int,
+                 baseline_tree: Path | None) -> list[str]:
+    if backend != BASELINE:
+        return BACKENDS[backend](image, sock, queues)
+    if baseline_tree is None:
+        raise BenchError(f"{BASELINE} needs --baseline-tree DIR")
+    # -P: the current directory (this checkout) must not come before the baseline's tree.
+    return ["env", f"PYTHONPATH={baseline_tree}", sys.executable, "-P", "-m", "vhostd", "blk",
+            "--socket-path", str(sock), "--file", str(image), "--num-queues", str(queues)]
 
 
 @dataclass(frozen=True)
@@ -270,7 +284,8 @@ def run_once(exe: Path, backend: str, workload: Workload, image_kind: str, image
     sock = workdir / f"{backend}.sock"
     sock.unlink(missing_ok=True)   # qsd replaces a stale socket, vhostd may not
     where = placement(workload.queues)
-    argv = _taskset(where.backend_cpus, BACKENDS[backend](image, sock, workload.queues))
+    argv = _taskset(where.backend_cpus, backend_argv(backend, image, sock, workload.queues,
+                                                     args.baseline_tree))
     with Process(argv, workdir / f"{tag}.log", socket=sock) as proc:
         if image_kind == "disk" and not args.warm_cache:
             drop_page_cache(image)
@@ -342,11 +357,18 @@ def summarize(runs: list[Row], failures: list[Row], images: list[str], workloads
                 # X-log against X (logging off), when both ran.
                 base = b[:-len(LOG_SUFFIX)] if b.endswith(LOG_SUFFIX) else None
                 log_cols: Row = {}
+                if b == "vhostd" and BASELINE in backends:
+                    base_iops = _same_round_ratios(group, b, "iops", BASELINE)
+                    base_cpu = _same_round_ratios(group, b, "cpu_s_per_mreq", BASELINE)
+                    log_cols = {
+                        "iops_vs_baseline": statistics.median(base_iops) if base_iops else None,
+                        "cpu_vs_baseline": statistics.median(base_cpu) if base_cpu else None,
+                    }
                 if any(n.endswith(LOG_SUFFIX) and n[:-len(LOG_SUFFIX)] in backends for n in backends):
                     log_iops = _same_round_ratios(group, b, "iops", base) if base in backends else []
                     log_cpu = (_same_round_ratios(group, b, "cpu_s_per_mreq", base)
                                if base in backends else [])
-                    log_cols = {
+                    log_cols |= {
                         "log_vs_nolog": statistics.median(log_iops) if log_iops else None,
                         "cpu_log_vs_nolog": statistics.median(log_cpu) if log_cpu else None,
                         "logged_pages_per_s": statistics.median(rates) if (rates := [
@@ -393,6 +415,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, from {', '.join(BACKENDS)} "
                         f"(default {','.join(DEFAULT_BACKENDS)}); ratios are against {ANCHOR}, "
                         f"and X{LOG_SUFFIX} (blkfe --log: dirty logging on) against X")
+    p.add_argument("--baseline-tree", type=Path, default=None,
+                   help=f"a vhostd checkout with its native module built in place (git worktree "
+                        f"add DIR REV; setup.py build_ext --inplace): back-end {BASELINE} runs "
+                        f"it, and vhostd gets iops_vs_baseline / cpu_vs_baseline")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
     p.add_argument("--images", default="tmpfs,disk",
@@ -417,7 +443,11 @@ def unavailable() -> str | None:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    backends = _names(args.backends, BACKENDS, "back-ends")
+    backends = _names(args.backends, {**BACKENDS, BASELINE: 0}, "back-ends")
+    if BASELINE in backends and (args.baseline_tree is None
+                                 or not (args.baseline_tree / "vhostd").is_dir()):
+        raise BenchError(f"{BASELINE} needs --baseline-tree DIR, a vhostd checkout "
+                         f"(got {args.baseline_tree})")
     workloads = [WORKLOADS[n] for n in _names(args.workloads, WORKLOADS, "workloads")]
     images = _names(args.images, {"tmpfs": 0, "disk": 0}, "images")
     exe = build_blkfe()
