@@ -163,8 +163,15 @@ static void translate(vhd_mem *mem, struct reader *in)
         const struct region *r = find(a, len, uva);
         CHECK(!p == !r, "%s_to_hva(%#llx, %#llx) = %p, model says %s", uva ? "uva" : "gpa",
               (unsigned long long)a, (unsigned long long)len, (const void *)p, r ? "inside" : "NULL");
-        if (r)
+        if (r) {
             check_bytes(r, a - (uva ? r->uva : r->gpa), p, len);
+            /* The dirty log's reverse lookup finds the same place. */
+            uint64_t gpa = 0, room = 0, off = a - (uva ? r->uva : r->gpa);
+            CHECK(vhd_mem_hva_to_gpa(mem, p, &gpa, &room) == 0 && gpa == r->gpa + off && room == r->size - off,
+                  "hva_to_gpa(%p) = %#llx room %#llx, expected %#llx room %#llx", (const void *)p,
+                  (unsigned long long)gpa, (unsigned long long)room, (unsigned long long)(r->gpa + off),
+                  (unsigned long long)(r->size - off));
+        }
         return;
     }
     int max = 1 + take8(in) % 16;

@@ -18,13 +18,14 @@ struct vhd_mem_region {
     uint64_t size;
     uint64_t uva;
     uint8_t *hva;        /* host address of gpa (mapping base + mmap_offset) */
-    void *map_base;      /* what mmap() returned, for munmap() */
+    void *map_base;      /* what mmap() returned, for munmap(); NULL: not ours */
     size_t map_len;
 };
 
 struct vhd_mem {
     uint32_t nregions;
-    struct vhd_mem_region regions[VHD_MAX_MEM_REGIONS];
+    struct vhd_mem_region regions[VHD_MAX_MEM_REGIONS];   /* sorted by gpa */
+    uint16_t by_hva[VHD_MAX_MEM_REGIONS];                 /* indexes, sorted by hva */
 };
 
 /* Split ring layout (virtio 1.2, 2.7). Little-endian: x86-64 only host. */
@@ -78,6 +79,7 @@ struct vhd_inflight_region {
 
 struct vhd_vring {
     const vhd_mem *mem;
+    uint64_t desc_uva, avail_uva, used_uva;   /* SET_VRING_ADDR: re-translated on a memory change */
     uint32_t num;
     uint32_t mask;
     struct vring_desc *desc;

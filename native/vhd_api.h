@@ -6,10 +6,13 @@
  *
  * Ownership: Python owns every fd it passes in (kick, call, err, backing
  * file); C only uses them while a worker runs.  C owns the mappings made by
- * vhd_mem_add() and releases them in vhd_mem_free().
+ * vhd_mem_add() and releases them in vhd_mem_free(); a region added with
+ * vhd_mem_add_mapped() is the caller's (several tables may share it).
  */
 
-#define VHD_MAX_MEM_REGIONS 8
+/* Regions in one table: VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS lets the
+ * front-end add up to this many (QEMU, DPDK and rust-vmm offer 509). */
+#define VHD_MAX_MEM_REGIONS 509
 #define VHD_MAX_QUEUE_SIZE 32768
 #define VHD_MAX_IOV 1024
 
@@ -28,17 +31,27 @@
 #define VHD_ERR_LAYOUT -10      /* used ring laid over the avail ring or descriptors */
 
 /* Guest memory: an immutable translation table once handed to workers.
- * Changing memory means building a new table, stopping the workers,
- * swapping, restarting (see vhostd/memory.py). */
+ * Changing memory means building a new table and handing it to the workers
+ * between two turns (vhd_task_set_mem), or stopping them when a region goes
+ * (see vhostd/memory.py).  Regions are kept sorted by guest-physical
+ * address: a lookup is a scan for a few regions, a binary search beyond. */
 typedef struct vhd_mem vhd_mem;
 
 vhd_mem *vhd_mem_new(void);
 void vhd_mem_free(vhd_mem *mem);
 /* Maps size bytes of fd at mmap_offset (the fd may be closed afterwards).
  * Returns 0 or a negative errno; -EINVAL for zero size, overflowing or
- * overlapping ranges, -ENOSPC when the table is full. */
+ * overlapping ranges, -ERANGE for a range past the end of the fd's file,
+ * -ENOSPC when the table is full. */
 int vhd_mem_add(vhd_mem *mem, int fd, uint64_t gpa, uint64_t size,
                 uint64_t uva, uint64_t mmap_offset);
+/* The same for a region the caller mapped (vhd_region_map): hva is the
+ * host address of gpa; the table never unmaps it. */
+int vhd_mem_add_mapped(vhd_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva, void *hva);
+/* Maps [0, mmap_offset + size) of fd shared (mmap_offset need not be page
+ * aligned: QEMU sends such offsets); the region starts at the result +
+ * mmap_offset.  NULL and *err on failure (-ERANGE: the file is shorter). */
+void *vhd_region_map(int fd, uint64_t size, uint64_t mmap_offset, int *err);
 uint32_t vhd_mem_count(const vhd_mem *mem);
 /* Host address of [addr, addr+len) if it lies inside one region, else NULL. */
 void *vhd_mem_gpa_to_hva(const vhd_mem *mem, uint64_t gpa, uint64_t len);
@@ -130,6 +143,9 @@ void vhd_vring_free(vhd_vring *vr);
  * (VHD_ERR_LAYOUT): the device's own writes would feed it work forever. */
 int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem,
                     const struct vhd_vring_config *cfg);
+/* The same ring over a new table, which must place it where it was:
+ * -EFAULT otherwise, and the ring keeps the old one. */
+int vhd_vring_set_mem(vhd_vring *vr, const vhd_mem *mem);
 int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *chain);
 void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len);
 /* Gives back the last n popped chains (not pushed) so they are popped again. */
@@ -288,6 +304,10 @@ vhd_task *vhd_task_attach(vhd_sched *s, int worker, vhd_vring *vr, int dev_kind,
 void vhd_task_detach(vhd_task *t);
 /* Runs fn(t, arg) on the ring's worker between two turns and waits for it. */
 void vhd_task_call(vhd_task *t, void (*fn)(vhd_task *t, void *arg), void *arg);
+/* Hands a running ring a new memory table (a region was added) between two
+ * turns; -EFAULT if the ring itself no longer translates to where it was
+ * (then stop and set it up again).  The old table may be freed after. */
+int vhd_task_set_mem(vhd_task *t, const vhd_mem *mem);
 vhd_vring *vhd_task_vring(const vhd_task *t);
 int vhd_task_worker(const vhd_task *t);
 

@@ -139,6 +139,9 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     vr->stats.broken = 0;
     vr->published_bytes = stats.bytes_read + stats.bytes_written;
     vr->mem = mem;
+    vr->desc_uva = cfg->desc_uva;
+    vr->avail_uva = cfg->avail_uva;
+    vr->used_uva = cfg->used_uva;
     vr->num = (uint32_t)n;
     vr->mask = (uint32_t)n - 1;
     vr->desc = desc;
@@ -163,6 +166,35 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     if (cfg->inflight)
         return inflight_setup(vr, cfg->inflight);
     return 0;
+}
+
+int vhd_vring_set_mem(vhd_vring *vr, const vhd_mem *mem)
+{
+    uint64_t n = vr->num;
+    if (vhd_mem_uva_to_hva(mem, vr->desc_uva, 16 * n) != (void *)vr->desc ||
+        vhd_mem_uva_to_hva(mem, vr->avail_uva, 6 + 2 * n) != (void *)vr->avail ||
+        vhd_mem_uva_to_hva(mem, vr->used_uva, 6 + 8 * n) != (void *)vr->used)
+        return -EFAULT;
+    vr->mem = mem;
+    return 0;
+}
+
+struct set_mem {
+    const vhd_mem *mem;
+    int rc;
+};
+
+static void set_mem_on_worker(vhd_task *t, void *arg)
+{
+    struct set_mem *a = arg;
+    a->rc = vhd_vring_set_mem(vhd_task_vring(t), a->mem);
+}
+
+int vhd_task_set_mem(vhd_task *t, const vhd_mem *mem)
+{
+    struct set_mem a = { mem, 0 };
+    vhd_task_call(t, set_mem_on_worker, &a);
+    return a.rc;
 }
 
 void vhd_vring_set_broken(vhd_vring *vr, int reason)

@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from vhostd.frontend import Buf, BlkDriver, DriverRing, Frontend, GuestRam, VIRTIO_BLK_S_OK
+from vhostd.native import MAX_MEM_SLOTS
 from vhostd.protocol.constants import (
     MAX_MEM_REGIONS,
     MAX_PAYLOAD,
@@ -416,7 +417,7 @@ class HostileFrontend(RuleBasedStateMachine):
         assert self.fe.get_u64(Request.GET_FEATURES) == self.offered
         assert self.fe.get_u64(Request.GET_PROTOCOL_FEATURES) == self.offered_proto
         assert self.fe.get_u64(Request.GET_QUEUE_NUM) == self.queues
-        assert self.fe.get_u64(Request.GET_MAX_MEM_SLOTS) == MAX_MEM_REGIONS
+        assert self.fe.get_u64(Request.GET_MAX_MEM_SLOTS) == MAX_MEM_SLOTS
         self.count("valid: queries")
 
     @rule(want=st.integers(0, U64_MAX), want_proto=st.integers(0, U64_MAX))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from vhd_helpers import fd_is_closed, pattern
 from vhostd.fds import OwnedFd
 from vhostd.memory import GuestMemory, GuestMemoryError
-from vhostd.native import MAX_MEM_REGIONS, MemTable, NativeError
+from vhostd.native import MAX_MEM_SLOTS, MemTable, NativeError
 from vhostd.protocol.messages import MemRegion
 
 pytestmark = pytest.mark.usefixtures("watchdog")
@@ -308,9 +308,9 @@ def test_table_full() -> None:
     t = MemTable()
     fd = memfd(PAGE)
     try:
-        for i in range(MAX_MEM_REGIONS):
+        for i in range(MAX_MEM_SLOTS):
             t.add(fd, 0x10_0000 * (i + 1), PAGE, 0x10_0000 * (i + 1), 0)
-        assert len(t) == MAX_MEM_REGIONS == 8
+        assert len(t) == MAX_MEM_SLOTS == 509
         assert add_err(t, fd, 0x1000_0000, PAGE, 0x1000_0000) == errno.ENOSPC
     finally:
         t.close()
@@ -413,7 +413,7 @@ def test_guest_memory_maps_all_regions_and_closes_fds() -> None:
     fds = [OwnedFd(memfd(PAGE, b"A" * PAGE)), OwnedFd(memfd(2 * PAGE, b"B" * 2 * PAGE))]
     raw = [f.fileno() for f in fds]
     regions = [MemRegion(0x1000, PAGE, 0x7000_0000, 0), MemRegion(0x2000, 2 * PAGE, 0x7100_0000, 0)]
-    gm = GuestMemory(regions, fds)
+    gm = GuestMemory.from_table(regions, fds)
     try:
         assert all(fd_is_closed(fd) for fd in raw)
         assert gm.size == 3 * PAGE and len(gm.table) == 2
@@ -421,13 +421,14 @@ def test_guest_memory_maps_all_regions_and_closes_fds() -> None:
         assert b"".join(peek(h, n) for h, n in iov) == b"AABB"
     finally:
         gm.close()
+        gm.unmap()
 
 
 def test_guest_memory_fd_count_mismatch_closes_fds() -> None:
     fds = [OwnedFd(memfd(PAGE))]
     raw = fds[0].fileno()
     with pytest.raises(GuestMemoryError, match="2 regions but 1 fds"):
-        GuestMemory([MemRegion(0x1000, PAGE, 0x1000, 0), MemRegion(0x2000, PAGE, 0x2000, 0)], fds)
+        GuestMemory.from_table([MemRegion(0x1000, PAGE, 0x1000, 0), MemRegion(0x2000, PAGE, 0x2000, 0)], fds)
     assert fd_is_closed(raw)
 
 
@@ -436,9 +437,9 @@ def test_guest_memory_bad_region_names_it_and_closes_fds() -> None:
     raw = [f.fileno() for f in fds]
     regions = [MemRegion(0x1000, PAGE, 0x7000_0000, 0), MemRegion(0x1800, PAGE, 0x7100_0000, 0)]
     with pytest.raises(GuestMemoryError) as ei:
-        GuestMemory(regions, fds)
-    assert str(ei.value) == ("region 1 (gpa 0x1800 size 0x1000 uva 0x71000000 offset 0x0): "
-                             "mmap guest region: Invalid argument")
+        GuestMemory.from_table(regions, fds)
+    assert str(ei.value) == ("region (gpa 0x1800 size 0x1000 uva 0x71000000 offset 0x0) overlaps region "
+                             "(gpa 0x1000 size 0x1000 uva 0x70000000 offset 0x0) in guest-physical space")
     assert all(fd_is_closed(fd) for fd in raw)
 
 
@@ -449,11 +450,14 @@ def test_memfd_mapping_released_on_close() -> None:
 
     fd = os.memfd_create("vhostd-test-unmap", os.MFD_CLOEXEC)
     os.ftruncate(fd, PAGE)
-    gm = GuestMemory([MemRegion(0x1000, PAGE, 0x1000, 0)], [OwnedFd(fd)])
+    gm = GuestMemory.from_table([MemRegion(0x1000, PAGE, 0x1000, 0)], [OwnedFd(fd)])
     assert memfd_maps() == 1
     gm.close()
+    assert memfd_maps() == 1      # the table goes; the mapping is the owner's
+    gm.unmap()
     assert memfd_maps() == 0
     gm.close()    # idempotent
+    gm.unmap()
 
 
 def test_python_mmap_and_table_share_pages() -> None:

@@ -36,6 +36,7 @@ from vhostd.protocol.messages import (
     Header,
     MemRegion,
     Message,
+    MemRegMsg,
     MemTable,
     PayloadKind,
     ProtocolError,
@@ -84,6 +85,7 @@ payloads = {
     PayloadKind.VRING_STATE: st.builds(VringState, u32, u32),
     PayloadKind.VRING_ADDR: st.builds(VringAddr, u32, u32, u64, u64, u64, u64),
     PayloadKind.MEM_TABLE: mem_tables,
+    PayloadKind.MEM_REG: st.builds(MemRegMsg, regions),
     PayloadKind.CONFIG: configs,
 }
 
@@ -127,6 +129,25 @@ def test_mem_table_round_trip(t: MemTable) -> None:
     assert MemTable.unpack(data) == t
 
 
+@given(regions)
+def test_mem_reg_round_trip(r: MemRegion) -> None:
+    data = MemRegMsg(r).pack()
+    assert len(data) == 40 and data[:8] == bytes(8)     # u64 padding, then the region
+    assert MemRegMsg.unpack(data) == MemRegMsg(r)
+
+
+def test_rem_mem_reg_closes_an_fd_it_may_carry() -> None:
+    """vhost-user.rst: no fd SHOULD come; one that does MUST be closed unused."""
+    raw = MemRegMsg(MemRegion(0x1000, 0x1000, 0x7000, 0)).pack()
+    fds = mkfds(1)
+    msg = decode(Header(Request.REM_MEM_REG, V, len(raw)), raw, fds)
+    assert msg.fds == [] and fds[0].closed
+    e = reject(Header(Request.REM_MEM_REG, V, len(raw)), raw, nfds=2)
+    assert e.reason == "carries 2 fds, expected 0"
+    e = reject(Header(Request.ADD_MEM_REG, V, len(raw)), raw, nfds=0)
+    assert e.reason == "carries 0 fds, expected 1"
+
+
 @given(configs)
 def test_config_round_trip(c: Config) -> None:
     data = c.pack()
@@ -159,7 +180,7 @@ def test_every_accepted_request_round_trips_through_decode(data: st.DataObject) 
         assert isinstance(body, MemTable)
         nfds = len(body.regions)
     else:
-        nfds = 1 if spec.fds is Fds.ONE else 0
+        nfds = 1 if spec.fds is Fds.ONE else 0     # Fds.OPTIONAL: none
     wire = encode_request(request, raw, need_reply)
     header = Header.unpack(wire[:HEADER_SIZE])
     assert header == Header(request, V | (HeaderFlag.NEED_REPLY if need_reply else 0), len(raw))
@@ -222,7 +243,8 @@ UNSUPPORTED = sorted(set(Request) - set(SPECS))
 def test_unsupported_list_is_what_we_expect() -> None:
     assert Request.SET_LOG_BASE not in UNSUPPORTED and Request.SET_LOG_FD not in UNSUPPORTED
     assert Request.SET_VRING_ENDIAN in UNSUPPORTED and Request.POSTCOPY_ADVISE in UNSUPPORTED
-    assert Request.ADD_MEM_REG in UNSUPPORTED and Request.VRING_KICK in UNSUPPORTED
+    assert Request.ADD_MEM_REG not in UNSUPPORTED and Request.REM_MEM_REG not in UNSUPPORTED
+    assert Request.VRING_KICK in UNSUPPORTED
     assert Request.GET_CONFIG not in UNSUPPORTED
 
 

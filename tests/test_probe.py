@@ -114,7 +114,7 @@ def test_vhostd_blk(tmp_path: Path) -> None:
         assert {"MQ", "CONFIG", "INFLIGHT_SHMFD", "LOG_SHMFD"} <= set(j["protocol_feature_names"])
         assert "LOG_ALL" in j["feature_names"]
         assert j["queue_num"] == 2
-        assert j["max_mem_slots"] is None            # CONFIGURE_MEM_SLOTS not offered
+        assert j["max_mem_slots"] == 509 and "CONFIGURE_MEM_SLOTS" in j["protocol_feature_names"]
         c = j["config"]
         assert c["capacity_sectors"] == 64 * MIB // 512
         assert c["capacity_bytes"] == 64 * MIB

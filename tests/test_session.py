@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("watchdog")
 
 V = int(HeaderFlag.VERSION)
 ALL_PROTOCOL = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
-                | bit(ProtocolFeature.LOG_SHMFD))
+                | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS))
 BLK_FEATURES = (bit(VirtioFeature.VERSION_1) | bit(VirtioFeature.RING_INDIRECT_DESC)
                 | bit(VirtioFeature.RING_EVENT_IDX) | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
                 | bit(VirtioFeature.LOG_ALL)
@@ -181,7 +181,7 @@ def test_get_queue_num_and_max_mem_slots(daemon_factory: DaemonFactory) -> None:
     fe = d.connect()
     try:
         assert fe.get_u64(Request.GET_QUEUE_NUM) == 4
-        assert fe.get_u64(Request.GET_MAX_MEM_SLOTS) == 8
+        assert fe.get_u64(Request.GET_MAX_MEM_SLOTS) == 509
     finally:
         fe.close()
 
@@ -519,7 +519,8 @@ MALFORMED: list[tuple[str, str, Callable[[Ctx], None]]] = [
      lambda c: send_raw(c.fe, Request.SET_MEM_TABLE, table(regions(2)), fds=[c.memfd() for _ in range(3)])),
     ("mem_table_too_many_fds", "VHOST_USER_SET_MEM_TABLE: too many fds attached",
      lambda c: send_raw(c.fe, Request.SET_MEM_TABLE, table(regions(8)), fds=[c.memfd() for _ in range(12)])),
-    ("mem_table_overlap", "VHOST_USER_SET_MEM_TABLE: region 1 (gpa 0x100000",
+    ("mem_table_overlap", "VHOST_USER_SET_MEM_TABLE: region (gpa 0x100000 size 0x10000 uva 0x710000000000 "
+     "offset 0x0) overlaps region (gpa 0x100000 size 0x10000 uva 0x700000000000 offset 0x0) in guest-physical",
      lambda c: send_raw(c.fe, Request.SET_MEM_TABLE,
                         table([(0x10_0000, 1 << 16, 0x7000_0000_0000, 0), (0x10_0000, 1 << 16, 0x7100_0000_0000, 0)]),
                         fds=[c.memfd(), c.memfd()])),

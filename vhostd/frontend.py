@@ -23,6 +23,7 @@ from vhostd.protocol.messages import (
     Config,
     Header,
     MemRegion,
+    MemRegMsg,
     MemTable,
     U64,
     VringAddr,
@@ -343,6 +344,17 @@ class Frontend:
 
     def set_mem_table(self, ram: GuestRam) -> None:
         self.send(Request.SET_MEM_TABLE, ram.mem_table().pack(), ram.fds())
+
+    @staticmethod
+    def _region(r: RamRegion) -> MemRegion:
+        return MemRegion(r.gpa, r.size, r.uva, 0)
+
+    def add_mem_reg(self, r: RamRegion) -> int:
+        """VHOST_USER_ADD_MEM_REG (CONFIGURE_MEM_SLOTS, REPLY_ACK): the ack status."""
+        return self.call_ack(Request.ADD_MEM_REG, MemRegMsg(self._region(r)).pack(), [r.fd])
+
+    def rem_mem_reg(self, r: RamRegion) -> int:
+        return self.call_ack(Request.REM_MEM_REG, MemRegMsg(self._region(r)).pack())
 
     def start_ring(self, ring: DriverRing, base: int = 0, enable: bool = True,
                    protocol_features: bool = True) -> None:

@@ -1,19 +1,24 @@
-"""Guest memory as sent by SET_MEM_TABLE: mapped once, immutable after.
+"""Guest memory: the regions the front-end shares, mapped, and the C
+translation table the workers use.
 
-A ``GuestMemory`` is never changed in place: a new table is built, the ring
-workers are stopped, the tables are swapped and the workers restarted
-(``Session._replace_memory``).  That keeps the C side lock-free and is how
-memory hotplug (ADD/REM_MEM_REG) will work too.
+A ``GuestMemory`` is never changed in place.  SET_MEM_TABLE builds a new one;
+ADD_MEM_REG and REM_MEM_REG (CONFIGURE_MEM_SLOTS) derive one from the
+current one, sharing the mappings of the regions they keep.  The session
+hands the new table to the running workers (``Session._apply_memory``) and
+only then frees the old table, and unmaps a region once no table a worker
+may use still holds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from vhostd.fds import OwnedFd, close_all
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from vhostd.native import MemTable, NativeError, SharedMapping, ffi, inflight_queue_size
+from vhostd.fds import OwnedFd, close_all
+from vhostd.native import MAX_MEM_SLOTS, MemTable, NativeError, RegionMapping, SharedMapping, ffi, \
+    inflight_queue_size
 from vhostd.protocol.messages import MemRegion
 
 
@@ -21,40 +26,133 @@ class GuestMemoryError(ValueError):
     pass
 
 
+def _describe(r: MemRegion) -> str:
+    return (f"gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} uva {r.userspace_addr:#x} "
+            f"offset {r.mmap_offset:#x}")
+
+
+def _overlap(a: int, alen: int, b: int, blen: int) -> bool:
+    return a < b + blen and b < a + alen
+
+
+@dataclass(frozen=True)
+class GuestRegion:
+    """A region as the front-end described it, and its mapping."""
+
+    desc: MemRegion
+    mapping: RegionMapping
+
+    @classmethod
+    def map(cls, r: MemRegion, fd: OwnedFd) -> GuestRegion:
+        """Maps r from fd; closes fd."""
+        try:
+            if r.memory_size == 0:
+                raise GuestMemoryError(f"region ({_describe(r)}): size 0")
+            if (r.guest_phys_addr + r.memory_size > 1 << 64 or r.userspace_addr + r.memory_size > 1 << 64
+                    or r.mmap_offset + r.memory_size > 1 << 64):
+                raise GuestMemoryError(f"region ({_describe(r)}): wraps around the address space")
+            try:
+                return cls(r, RegionMapping(fd.fileno(), r.memory_size, r.mmap_offset))
+            except NativeError as e:
+                raise GuestMemoryError(f"region ({_describe(r)}): {e.strerror}") from None
+        finally:
+            fd.close()
+
+    def matches(self, r: MemRegion) -> bool:
+        """REM_MEM_REG identifies a region by gpa, uva and size (not the offset)."""
+        d = self.desc
+        return (d.guest_phys_addr, d.userspace_addr, d.memory_size) == \
+               (r.guest_phys_addr, r.userspace_addr, r.memory_size)
+
+    def unmap(self) -> None:
+        self.mapping.close()
+
+
 class GuestMemory:
-    def __init__(self, regions: Sequence[MemRegion], fds: Sequence[OwnedFd]) -> None:
-        """Maps every region; closes the fds in all cases (the mappings stay)."""
+    def __init__(self, regions: Sequence[GuestRegion]) -> None:
+        """The table over regions (already mapped, and still the caller's to
+        unmap if this fails)."""
+        if len(regions) > MAX_MEM_SLOTS:
+            raise GuestMemoryError(f"{len(regions)} memory regions, at most {MAX_MEM_SLOTS}")
+        for i, a in enumerate(regions):
+            for j in range(i):
+                b, da = regions[j].desc, a.desc
+                if _overlap(da.guest_phys_addr, da.memory_size, b.guest_phys_addr, b.memory_size):
+                    raise GuestMemoryError(f"region ({_describe(da)}) overlaps region ({_describe(b)}) "
+                                           f"in guest-physical space")
+                if _overlap(da.userspace_addr, da.memory_size, b.userspace_addr, b.memory_size):
+                    raise GuestMemoryError(f"region ({_describe(da)}) overlaps region ({_describe(b)}) "
+                                           f"in the front-end's address space")
         self.regions = tuple(regions)
         self.table = MemTable()
+        try:
+            for g in regions:
+                d = g.desc
+                try:
+                    self.table.add_mapped(d.guest_phys_addr, d.memory_size, d.userspace_addr, g.mapping)
+                except NativeError as e:
+                    raise GuestMemoryError(f"region ({_describe(d)}): {e.strerror}") from None
+        except BaseException:
+            self.table.close()
+            raise
+
+    @classmethod
+    def from_table(cls, regions: Sequence[MemRegion], fds: Sequence[OwnedFd]) -> GuestMemory:
+        """SET_MEM_TABLE: maps every region; closes the fds in all cases."""
+        mapped: list[GuestRegion] = []
         try:
             if len(fds) != len(regions):
                 raise GuestMemoryError(f"{len(regions)} regions but {len(fds)} fds")
             for i, (r, fd) in enumerate(zip(regions, fds)):
                 try:
-                    self.table.add(fd.fileno(), r.guest_phys_addr, r.memory_size,
-                                   r.userspace_addr, r.mmap_offset)
-                except NativeError as e:
-                    raise GuestMemoryError(
-                        f"region {i} (gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} "
-                        f"uva {r.userspace_addr:#x} offset {r.mmap_offset:#x}): {e.strerror}"
-                    ) from None
+                    mapped.append(GuestRegion.map(r, fd))
+                except GuestMemoryError as e:
+                    raise GuestMemoryError(f"region {i} {str(e).removeprefix('region ')}") from None
+            return cls(mapped)
         except BaseException:
-            self.table.close()
+            for g in mapped:
+                g.unmap()
             raise
         finally:
             close_all(fds)
 
+    def with_region(self, r: MemRegion, fd: OwnedFd) -> tuple[GuestMemory, GuestRegion]:
+        """ADD_MEM_REG: a table with one more region (mapped here; closes fd)."""
+        if len(self.regions) >= MAX_MEM_SLOTS:
+            fd.close()
+            raise GuestMemoryError(f"region ({_describe(r)}): all {MAX_MEM_SLOTS} memory slots are in use")
+        g = GuestRegion.map(r, fd)
+        try:
+            return GuestMemory((*self.regions, g)), g
+        except BaseException:
+            g.unmap()
+            raise
+
+    def without(self, r: MemRegion) -> tuple[GuestMemory, GuestRegion]:
+        """REM_MEM_REG: a table without the region r names (nothing unmapped)."""
+        for g in self.regions:
+            if g.matches(r):
+                return GuestMemory(tuple(x for x in self.regions if x is not g)), g
+        raise GuestMemoryError(f"no region with gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} "
+                               f"uva {r.userspace_addr:#x} (the table has {len(self.regions)})")
+
     @property
     def size(self) -> int:
-        return sum(r.memory_size for r in self.regions)
+        return sum(g.desc.memory_size for g in self.regions)
 
     @property
     def gpa_end(self) -> int:
         """One past the highest guest-physical address (what a dirty log must cover)."""
-        return max((r.guest_phys_addr + r.memory_size for r in self.regions), default=0)
+        return max((g.desc.guest_phys_addr + g.desc.memory_size for g in self.regions), default=0)
 
     def close(self) -> None:
+        """Frees the C table; the mappings are the session's to unmap."""
         self.table.close()
+
+    def unmap(self) -> None:
+        """Unmaps every region (no table in use may hold them any more)."""
+        for g in self.regions:
+            g.unmap()
 
 
 class InflightBuffer:

@@ -15,9 +15,9 @@ from typing import Any
 from vhostd._native import ffi, lib
 
 __all__ = ["ffi", "lib", "MemTable", "NativeVring", "NativeScheduler", "Task", "NativeBlk", "NativeBlkQueue", "NativeNet", "NativeNetCtrl",
-           "NativeError", "SharedMapping", "inflight_queue_size", "VringStats", "NetStats", "RING_ERRORS"]
+           "NativeError", "RegionMapping", "SharedMapping", "inflight_queue_size", "VringStats", "NetStats", "RING_ERRORS"]
 
-MAX_MEM_REGIONS: int = lib.VHD_MAX_MEM_REGIONS
+MAX_MEM_SLOTS: int = lib.VHD_MAX_MEM_REGIONS   # regions in one table (CONFIGURE_MEM_SLOTS)
 MAX_QUEUE_SIZE: int = lib.VHD_MAX_QUEUE_SIZE
 MAX_IOV: int = lib.VHD_MAX_IOV
 MAX_WORKERS: int = lib.VHD_MAX_WORKERS
@@ -57,7 +57,12 @@ class MemTable:
         self.ptr: Any = ptr
 
     def add(self, fd: int, gpa: int, size: int, uva: int, mmap_offset: int) -> None:
+        """Maps the region; the table owns the mapping."""
         check(lib.vhd_mem_add(self.ptr, fd, gpa, size, uva, mmap_offset), "mmap guest region")
+
+    def add_mapped(self, gpa: int, size: int, uva: int, mapping: RegionMapping) -> None:
+        """A region mapped by the caller, which keeps it mapped while the table lives."""
+        check(lib.vhd_mem_add_mapped(self.ptr, gpa, size, uva, mapping.hva), "add guest region")
 
     def __len__(self) -> int:
         return int(lib.vhd_mem_count(self.ptr))
@@ -79,6 +84,27 @@ class MemTable:
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:
             lib.vhd_mem_free(ptr)
+
+
+class RegionMapping:
+    """One guest memory region's mapping (``vhd_region_map``), shared by
+    every table that holds the region: unmapped by close(), once no table
+    a worker may use still has it."""
+
+    def __init__(self, fd: int, size: int, mmap_offset: int) -> None:
+        err = ffi.new("int *")
+        base = lib.vhd_region_map(fd, size, mmap_offset, err)
+        if base == ffi.NULL:
+            why = "past the end of the file" if err[0] == -errno.ERANGE else os.strerror(-err[0])
+            raise NativeError(-err[0], f"cannot map {size:#x} bytes at offset {mmap_offset:#x}: {why}")
+        self.base: Any = base
+        self.length = mmap_offset + size
+        self.hva: Any = ffi.cast("char *", base) + mmap_offset
+
+    def close(self) -> None:
+        base, self.base = self.base, ffi.NULL
+        if base != ffi.NULL:
+            lib.vhd_unmap(base, self.length)
 
 
 def inflight_queue_size(queue_size: int) -> int:
@@ -271,6 +297,11 @@ class Task:
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:
             lib.vhd_task_detach(ptr)
+
+    def set_mem(self, mem: MemTable) -> bool:
+        """Hands the running ring a new table between two turns (blocks: call
+        off the event loop).  False if the ring moved (restart it instead)."""
+        return bool(lib.vhd_task_set_mem(self.ptr, mem.ptr) == 0)
 
 
 class NativeBlk:

@@ -10,6 +10,7 @@ worker the ``Scheduler`` chose.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,10 @@ VHOST_VRING_F_LOG = 0x1   # SET_VRING_ADDR flags: log used ring writes at log_gu
 
 class VringError(Exception):
     """The front-end configured a ring that cannot run (a protocol error)."""
+
+    def __init__(self, reason: str, outside_memory: bool = False) -> None:
+        super().__init__(reason)
+        self.outside_memory = outside_memory   # may run once the region comes (back)
 
 
 @dataclass
@@ -92,10 +97,11 @@ class Vring:
                 inflight=ffi.NULL if inflight is None else inflight, log=log,
                 log_used_gpa=self.addr.log_guest_addr if self.addr.flags & VHOST_VRING_F_LOG else None)
         except NativeError as e:
+            outside = e.errno == errno.EFAULT
             raise VringError(
                 f"ring {self.index}: size {self.num}, desc {self.addr.desc_user_addr:#x}, "
                 f"avail {self.addr.avail_user_addr:#x}, used {self.addr.used_user_addr:#x}: "
-                f"{'not inside guest memory' if e.errno == 14 else 'misaligned or bad size'}"
+                f"{'not inside guest memory' if outside else 'misaligned or bad size'}", outside
             ) from None
         try:
             self.placement = scheduler.attach(
@@ -117,6 +123,13 @@ class Vring:
             self.scheduler.release(placement)
             await trio.to_thread.run_sync(placement.detach)
             self.last_avail_idx = self.native.last_avail_idx
+
+    async def swap_memory(self, mem: GuestMemory) -> bool:
+        """Hands the running ring a new table between two of its worker's
+        turns, without stopping it.  False if the ring no longer lies where
+        it did in the new table (the caller restarts it)."""
+        assert self.placement is not None
+        return await trio.to_thread.run_sync(self.placement.task.set_mem, mem.table)
 
     def stats(self) -> VringStats:
         return self.native.stats()

@@ -40,8 +40,10 @@ COMMON_FEATURES = (
 # start about a protocol feature its device type has no use for, e.g. CONFIG
 # on net: QEMU's virtio-net reads no config space from the back-end).
 # LOG_SHMFD with LOG_ALL: live migration (the dirty log is shared memory).
+# CONFIGURE_MEM_SLOTS: memory hotplug past 8 regions (ADD/REM_MEM_REG).
 COMMON_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.LOG_SHMFD)
+    | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
 
 

@@ -157,6 +157,23 @@ class MemTable:
 
 
 @dataclass(frozen=True)
+class MemRegMsg:
+    """ADD_MEM_REG / REM_MEM_REG: one region (after 8 bytes of padding)."""
+
+    region: MemRegion
+    _S = struct.Struct("<Q")
+
+    def pack(self) -> bytes:
+        return self._S.pack(0) + self.region.pack()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> MemRegMsg:
+        if len(data) != cls._S.size + REGION_SIZE:
+            raise ValueError(f"payload of {len(data)} bytes, expected {cls._S.size + REGION_SIZE}")
+        return cls(MemRegion.unpack(data[cls._S.size:]))
+
+
+@dataclass(frozen=True)
 class Config:
     offset: int
     size: int
@@ -211,7 +228,7 @@ class LogBase:
         return cls(*cls._S.unpack(data))
 
 
-Payload = Union[None, U64, VringState, VringAddr, MemTable, Config, Inflight, LogBase]
+Payload = Union[None, U64, VringState, VringAddr, MemTable, MemRegMsg, Config, Inflight, LogBase]
 
 
 class PayloadKind(enum.Enum):
@@ -220,6 +237,7 @@ class PayloadKind(enum.Enum):
     VRING_STATE = VringState
     VRING_ADDR = VringAddr
     MEM_TABLE = MemTable
+    MEM_REG = MemRegMsg
     CONFIG = Config
     INFLIGHT = Inflight
     LOG_BASE = LogBase
@@ -231,6 +249,8 @@ class PayloadKind(enum.Enum):
             return 8 <= size <= 8 + MAX_MEM_REGIONS * REGION_SIZE
         if self is PayloadKind.CONFIG:
             return 12 <= size <= 12 + MAX_CONFIG_SIZE
+        if self is PayloadKind.MEM_REG:
+            return size == 8 + REGION_SIZE
         return bool(size == self.value._S.size)
 
 
@@ -241,6 +261,7 @@ class Fds(enum.Enum):
     ONE = "one"
     VRING = "one unless the no-fd flag is set"     # SET_VRING_KICK/CALL/ERR
     PER_REGION = "one per memory region"
+    OPTIONAL = "none, or one that is closed unused"   # REM_MEM_REG (vhost-user.rst allows it)
 
 
 @dataclass(frozen=True)
@@ -275,6 +296,8 @@ SPECS: dict[Request, Spec] = {
     Request.GET_CONFIG: Spec(P.CONFIG, reply=P.CONFIG),
     Request.SET_CONFIG: Spec(P.CONFIG),
     Request.GET_MAX_MEM_SLOTS: Spec(P.NONE, reply=P.U64),
+    Request.ADD_MEM_REG: Spec(P.MEM_REG, F.ONE),
+    Request.REM_MEM_REG: Spec(P.MEM_REG, F.OPTIONAL),
     Request.NET_SET_MTU: Spec(P.U64),
     Request.SEND_RARP: Spec(P.U64),
     Request.GET_INFLIGHT_FD: Spec(P.INFLIGHT, reply=P.INFLIGHT),
@@ -307,6 +330,8 @@ def expected_fds(spec: Spec, payload: Payload) -> int:
         case Fds.PER_REGION:
             assert isinstance(payload, MemTable)
             return len(payload.regions)
+        case Fds.OPTIONAL:
+            return 0
 
 
 def check_header(header: Header) -> Request:
@@ -339,6 +364,9 @@ def decode(header: Header, payload: bytes, fds: list[OwnedFd]) -> Message:
         except (ValueError, struct.error) as e:
             raise ProtocolError(request, str(e)) from None
         want = expected_fds(spec, body)
+        if spec.fds is Fds.OPTIONAL and len(fds) == 1:
+            close_all(fds)      # allowed for compatibility; never used
+            fds = []
         if len(fds) != want:
             raise ProtocolError(request, f"carries {len(fds)} fds, expected {want}")
         return Message(header, request, body, fds)

@@ -19,7 +19,7 @@ import trio
 
 from vhostd.devices.base import Device, DeviceError
 from vhostd.fds import OwnedFd, close_all
-from vhostd.memory import GuestMemory, GuestMemoryError, InflightBuffer
+from vhostd.memory import GuestMemory, GuestMemoryError, GuestRegion, InflightBuffer
 from vhostd.protocol.channel import Channel, Disconnected
 from vhostd.protocol.constants import (
     MAX_QUEUE_SIZE,
@@ -34,6 +34,7 @@ from vhostd.protocol.messages import (
     Config,
     Inflight,
     LogBase,
+    MemRegMsg,
     MemTable,
     Message,
     ProtocolError,
@@ -43,7 +44,7 @@ from vhostd.protocol.messages import (
     encode_reply,
     vring_index_of,
 )
-from vhostd.native import MAX_MEM_REGIONS, NativeError, NativeLog
+from vhostd.native import MAX_MEM_SLOTS, NativeError, NativeLog
 from vhostd.scheduler import Scheduler
 from vhostd.vring import VHOST_VRING_F_LOG, Vring, VringError
 
@@ -58,6 +59,15 @@ class Reply:
 
 
 Handler = Callable[[Message], Awaitable[bytes | Reply | None]]
+# A removed region is unmapped once no other REM_MEM_REG came for this long,
+# at the next ADD_MEM_REG, or before any other request: QEMU re-sends a
+# region that changed shape as REM then ADD, and the guest may use that
+# memory all along (an added region is usable as soon as it is acknowledged).
+MEMORY_SETTLE_S = 0.02
+
+
+class RequestFailed(Exception):
+    """The request is refused (a REPLY_ACK failure); the connection stays."""
 
 
 class Session:
@@ -68,6 +78,13 @@ class Session:
         self.features = 0            # acked virtio features (SET_FEATURES)
         self.protocol_features = 0   # acked protocol features
         self.mem: GuestMemory | None = None
+        # ADD/REM_MEM_REG not yet handed to the workers: the table to install,
+        # the regions to unmap after it, and when to install it at the latest.
+        self._mem_next: GuestMemory | None = None
+        self._mem_gone: list[GuestRegion] = []
+        self._mem_deadline = 0.0
+        self._lock = trio.Lock()          # one request, or the memory settling, at a time
+        self._nursery: trio.Nursery | None = None
         self.inflight: InflightBuffer | None = None
         self.log: NativeLog | None = None   # SET_LOG_BASE's bitmap, used while LOG_ALL is on
         self.log_pages = 0                   # pages logged in logs already released
@@ -87,6 +104,8 @@ class Session:
             Request.GET_QUEUE_NUM: self._get_queue_num,
             Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
             Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
             Request.SET_LOG_BASE: self._set_log_base,
             Request.SET_LOG_FD: self._set_log_fd,
             Request.SET_VRING_NUM: self._set_vring_num,
@@ -112,6 +131,7 @@ class Session:
         """Serves messages until the front-end disconnects or misbehaves."""
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._report_broken_rings)
                 await self._serve_messages()
                 nursery.cancel_scope.cancel()
@@ -154,9 +174,7 @@ class Session:
             await vr.stop()
         for vr in self.vrings:
             vr.close()
-        if self.mem is not None:
-            self.mem.close()
-            self.mem = None
+        self._drop_memory()
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
@@ -166,11 +184,17 @@ class Session:
         self.closed.set()
 
     async def _dispatch(self, msg: Message) -> None:
+        async with self._lock:
+            await self._dispatch_locked(msg)
+
+    async def _dispatch_locked(self, msg: Message) -> None:
         log.debug("%s: %s %s fds=%d", self.device.name, msg.request.spec_name, msg.payload, len(msg.fds))
         try:
+            if msg.request is not Request.REM_MEM_REG:
+                await self._apply_memory()
             reply = await self._handlers[msg.request](msg)
             status = 0
-        except DeviceError as e:
+        except (DeviceError, RequestFailed) as e:
             log.warning("%s: %s failed: %s", self.device.name, msg.request.spec_name, e)
             reply, status = None, 1
         except ProtocolError as e:
@@ -204,7 +228,9 @@ class Session:
             raise ProtocolError(request, f"ring index {index} out of range (device has {len(self.vrings)})")
         return self.vrings[index]
 
-    def _start_if_ready(self, vr: Vring) -> None:
+    def _start_if_ready(self, vr: Vring, memory_may_come: bool = False) -> None:
+        """memory_may_come: a ring outside guest memory waits (its region
+        was removed and may be added back) instead of being an error."""
         if vr.running or not vr.can_run(self.mem):
             return
         assert self.mem is not None
@@ -221,6 +247,9 @@ class Session:
                      inflight=self.inflight.region(vr.index) if self.inflight else None,
                      log=self.log if self._logging else None)
         except VringError as e:
+            if memory_may_come and e.outside_memory:
+                log.warning("%s: %s; the ring waits for its memory", self.device.name, e)
+                return
             raise ProtocolError(None, str(e)) from None
         log.info("%s: ring %d started (size %d, base %d, %s)", self.device.name, vr.index, vr.num,
                  vr.native.last_avail_idx,
@@ -308,7 +337,7 @@ class Session:
         return U64(self.device.queue_num).pack()
 
     async def _get_max_mem_slots(self, msg: Message) -> bytes:
-        return U64(MAX_MEM_REGIONS).pack()
+        return U64(MAX_MEM_SLOTS).pack()
 
     # --- memory ----------------------------------------------------------
 
@@ -316,7 +345,7 @@ class Session:
         assert isinstance(msg.payload, MemTable)
         fds, msg.fds = msg.fds, []     # GuestMemory takes and closes them
         try:
-            mem = GuestMemory(msg.payload.regions, fds)
+            mem = GuestMemory.from_table(msg.payload.regions, fds)
         except GuestMemoryError as e:
             raise ProtocolError(msg.request, str(e)) from None
         running = [vr for vr in self.vrings if vr.running]
@@ -325,10 +354,112 @@ class Session:
         old, self.mem = self.mem, mem
         if old is not None:
             old.close()
+            old.unmap()
         for vr in self.vrings:
             self._start_if_ready(vr)
         log.info("%s: memory table: %d regions, %d MiB", self.device.name, len(mem.regions), mem.size >> 20)
         return None
+
+    def _memory_now(self) -> GuestMemory:
+        """The table the next ADD/REM_MEM_REG starts from."""
+        return self._mem_next or self.mem or GuestMemory(())
+
+    def _stage_memory(self, new: GuestMemory) -> None:
+        if self._mem_next is not None:
+            self._mem_next.close()             # never installed: only its table goes
+        self._mem_next = new
+        self._mem_deadline = trio.current_time() + MEMORY_SETTLE_S
+        if self._nursery is not None:
+            self._nursery.start_soon(self._apply_memory_when_settled)
+
+    async def _add_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemRegMsg)
+        if not self.protocol_features & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            raise ProtocolError(msg.request, "CONFIGURE_MEM_SLOTS was not negotiated")
+        fd = msg.fds.pop()
+        base = self._memory_now()
+        try:
+            new, region = base.with_region(msg.payload.region, fd)   # mapped now, outside any stop
+        except GuestMemoryError as e:
+            raise ProtocolError(msg.request, str(e)) from None
+        finally:
+            if base is not self._mem_next and base is not self.mem:
+                base.close()
+        self._stage_memory(new)
+        log.info("%s: memory region added: gpa %#x, %d MiB", self.device.name,
+                 region.desc.guest_phys_addr, region.desc.memory_size >> 20)
+        await self._apply_memory()          # usable once acknowledged
+        return None
+
+    async def _rem_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemRegMsg)
+        if not self.protocol_features & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+            raise ProtocolError(msg.request, "CONFIGURE_MEM_SLOTS was not negotiated")
+        base = self._memory_now()
+        try:
+            new, region = base.without(msg.payload.region)
+        except GuestMemoryError as e:
+            # vhost-user.rst names no outcome: refuse the request (REPLY_ACK), keep the connection.
+            raise RequestFailed(str(e)) from None
+        finally:
+            if base is not self._mem_next and base is not self.mem:
+                base.close()
+        self._mem_gone.append(region)
+        self._stage_memory(new)
+        log.info("%s: memory region removed: gpa %#x, %d MiB", self.device.name,
+                 region.desc.guest_phys_addr, region.desc.memory_size >> 20)
+        return None
+
+    async def _apply_memory_when_settled(self) -> None:
+        while self._mem_next is not None:
+            if trio.current_time() < self._mem_deadline:
+                await trio.sleep_until(self._mem_deadline)
+                continue
+            async with self._lock:
+                try:
+                    await self._apply_memory()
+                except ProtocolError as e:
+                    log.error("%s: closing connection: %s", self.device.name, e)
+                    assert self._nursery is not None
+                    self._nursery.cancel_scope.cancel()   # the session ends, as for a bad message
+            return
+
+    async def _apply_memory(self) -> None:
+        """Installs the staged table.  Added regions reach running rings
+        between two turns of their workers; a removed region first stops the
+        rings (requests in flight may use it), then is unmapped."""
+        new, gone = self._mem_next, self._mem_gone
+        if new is None:
+            return
+        self._mem_next, self._mem_gone = None, []
+        old, running = self.mem, [vr for vr in self.vrings if vr.running]
+        if gone:
+            for vr in running:
+                await vr.stop()
+        self.mem = new
+        for vr in running if not gone else ():
+            if not await vr.swap_memory(new):
+                await vr.stop()
+        for vr in self.vrings:
+            self._start_if_ready(vr, memory_may_come=True)
+        if old is not None:
+            old.close()
+        for region in gone:
+            region.unmap()
+        log.info("%s: memory: %d regions, %d MiB", self.device.name, len(new.regions), new.size >> 20)
+
+    def _drop_memory(self) -> None:
+        """Frees every table and unmaps every region (no ring runs)."""
+        mapped: dict[int, GuestRegion] = {}
+        for mem in (self.mem, self._mem_next):
+            if mem is not None:
+                mem.close()
+                mapped.update((id(g), g) for g in mem.regions)
+        mapped.update((id(g), g) for g in self._mem_gone)
+        for g in mapped.values():
+            g.unmap()
+        self.mem = self._mem_next = None
+        self._mem_gone = []
 
     # --- dirty page log (live migration) ------------------------------------
 
@@ -562,6 +693,7 @@ class Session:
             "features": self.device.feature_names(self.features),
             "protocol_features": feature_names(self.protocol_features, ProtocolFeature),
             "memory_mib": (self.mem.size >> 20) if self.mem else 0,
+            "memory_regions": len(self.mem.regions) if self.mem else 0,
             "inflight_tracking": self.inflight is not None,
             "dirty_log": self.log_status(),
             "rings": rings,
