@@ -11,6 +11,7 @@ files vhostd created are removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import logging
@@ -69,18 +70,28 @@ class Listener:
         assert self.socket_path is not None
         path = self.socket_path
         _remove_stale_socket(path)
+        # Bound and listening under a temporary name, then renamed: the path
+        # appears only once a front-end can connect (QEMU tries as soon as it
+        # sees it), with its mode set before anyone can (a path too long for
+        # the temporary name is bound directly, mode still set before listen).
+        tmp = path.with_name(f"{path.name}.{os.getpid()}~")
+        where = tmp if len(os.fsencode(tmp)) < 108 else path
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            s.bind(str(path))
-            # Before listen(): nobody else can connect in between.
+            s.bind(str(where))
             if self.group is not None:
-                os.chown(path, -1, self.group)
-                os.chmod(path, 0o660)
+                os.chown(where, -1, self.group)
+                os.chmod(where, 0o660)
             else:
-                os.chmod(path, 0o600)
+                os.chmod(where, 0o600)
             s.listen(4)
+            if where != path:
+                os.rename(where, path)
         except OSError:
             s.close()
+            if where != path:
+                with contextlib.suppress(OSError):
+                    os.unlink(where)
             raise
         self.sock = trio.socket.from_stdlib_socket(s)
 
