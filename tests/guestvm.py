@@ -44,6 +44,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "failover",
     "net_failover",
     "virtio_net",
+    "virtio_mem",
     "qemu_fw_cfg",
 )
 GUEST_BINARIES: tuple[str, ...] = ("fio", "iperf3", "ethtool")
@@ -513,7 +514,9 @@ def guest_command(
     mem_mb: int = 512,
     smp: int = 1,
     append: str = "",
+    hotplug: str = "",
 ) -> list[str]:
+    """hotplug: QEMU's -m options for memory hotplug, e.g. "slots=16,maxmem=8G"."""
     cmdline = "console=ttyS0 quiet panic=-1 " + append
     return [
         qemu_binary(),
@@ -521,7 +524,7 @@ def guest_command(
         # vhost-user needs guest RAM the back-end can map: a shared memfd.
         "-machine", "q35,memory-backend=mem",
         "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
-        "-m", f"{mem_mb}M",
+        "-m", f"{mem_mb}M" + (f",{hotplug}" if hotplug else ""),
         "-smp", str(smp),
         "-nographic",
         "-no-reboot",
@@ -656,6 +659,7 @@ def start_guest(
     cache_dir: Path | None = None,
     smp: int = 1,
     append: str = "",
+    hotplug: str = "",
 ) -> Guest:
     """Boot a guest that runs `script` (busybox sh) and return without waiting for it.
 
@@ -668,7 +672,8 @@ def start_guest(
     script_file = workdir / "script.sh"
     script_file.write_text(script)
     cmd = guest_command(
-        guest_kernel(cache_dir), initrd, script_file, qemu_args, mem_mb=mem_mb, smp=smp, append=append
+        guest_kernel(cache_dir), initrd, script_file, qemu_args, mem_mb=mem_mb, smp=smp, append=append,
+        hotplug=hotplug,
     )
     return Guest(cmd, workdir, timeout)
 
