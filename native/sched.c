@@ -342,6 +342,7 @@ static void mark_polled_ready(struct vhd_worker *w)
 static void *worker_main(void *arg)
 {
     struct vhd_worker *w = arg;
+    vhd_sandbox_thread_start();   /* --sandbox: this thread's seccomp filter (sandbox.c) */
     for (;;) {
         int timeout = -1;
         if (any_ready(w))

@@ -311,6 +311,23 @@ int vhd_task_set_mem(vhd_task *t, const vhd_mem *mem);
 vhd_vring *vhd_task_vring(const vhd_task *t);
 int vhd_task_worker(const vhd_task *t);
 
+/* The in-process sandbox (sandbox.c): with it on, every worker thread drops
+ * its capabilities and runs under a seccomp allow-list from its first
+ * instruction; a syscall outside the list kills the process (SIGSYS).
+ * vhd_sandbox_enable() tries the filter on a probe thread first and turns
+ * it on for workers started afterwards: 0 or a negative errno. */
+int vhd_sandbox_enable(void);
+int vhd_sandbox_enabled(void);
+void vhd_sandbox_thread_start(void);
+uint32_t vhd_sandbox_threads(void);
+int vhd_sandbox_syscall_count(void);
+/* The calling thread keeps only the capabilities in keep (bit n: capability
+ * n), bounding set included, and sets no_new_privs: 0 or a negative errno. */
+int vhd_sandbox_drop_caps(uint64_t keep);
+uint64_t vhd_sandbox_caps(void);
+/* Test builds only: vhd_task_call() target that makes syscall *(long *)arg. */
+void vhd_sandbox_test_syscall(vhd_task *t, void *arg);
+
 /* Processes everything available on vr once, synchronously (tests, and the
  * worker's loop body).  Returns the number of chains handled. */
 int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev);

@@ -88,7 +88,11 @@ def worker_options(f: F) -> F:
 
 
 def daemon_options(f: F) -> F:
-    """--control-socket and --metrics-listen, shared by the serving commands."""
+    """--control-socket, --metrics-listen and --sandbox, shared by the serving commands."""
+    f = click.option("--sandbox", is_flag=True, default=None,
+                     help="Run the ring workers under a seccomp allow-list without capabilities, "
+                          "and keep only the capabilities the devices need once they are open "
+                          "([daemon] sandbox; see README).")(f)
     f = click.option("--metrics-listen", metavar="HOST:PORT",
                      help="Serve Prometheus metrics on http://HOST:PORT/metrics.")(f)
     f = click.option("--control-socket", type=click.Path(path_type=Path),
@@ -96,14 +100,16 @@ def daemon_options(f: F) -> F:
     return f
 
 
-def _daemon_config(base: DaemonConfig, control_socket: Path | None, metrics_listen: str | None) -> DaemonConfig:
+def _daemon_config(base: DaemonConfig, control_socket: Path | None, metrics_listen: str | None,
+                   sandbox: bool | None = None) -> DaemonConfig:
     listen = base.metrics_listen
     if metrics_listen is not None:
         host, _, port = metrics_listen.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise click.BadParameter(f"{metrics_listen!r} is not HOST:PORT", param_hint="--metrics-listen")
         listen = (host.strip("[]"), int(port))
-    return replace(base, control_socket=control_socket or base.control_socket, metrics_listen=listen)
+    return replace(base, control_socket=control_socket or base.control_socket, metrics_listen=listen,
+                   sandbox=base.sandbox if sandbox is None else sandbox)
 
 
 def _cpu_list(cpus: str) -> tuple[int, ...]:
@@ -119,9 +125,9 @@ def _cpu_list(cpus: str) -> tuple[int, ...]:
 
 
 def _single_device(cfg: DeviceConfig, workers: int | None, cpus: str, control_socket: Path | None,
-                   metrics_listen: str | None) -> Config:
+                   metrics_listen: str | None, sandbox: bool | None) -> Config:
     """One device: --workers and --cpu-affinity are the daemon's worker settings."""
-    daemon = replace(_daemon_config(DaemonConfig(), control_socket, metrics_listen),
+    daemon = replace(_daemon_config(DaemonConfig(), control_socket, metrics_listen, sandbox),
                      workers=workers or 0, cpu_affinity=_cpu_list(cpus))
     return Config(daemon=daemon, devices=(cfg,), source="command line")
 
@@ -170,7 +176,7 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
 def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         file: Path | None, read_only: bool, num_queues: int, serial: str, engine: str, direct: bool,
         name: str, print_capabilities: bool, poll_us: int, cpus: str, workers: int | None,
-        control_socket: Path | None, metrics_listen: str | None) -> None:
+        control_socket: Path | None, metrics_listen: str | None, sandbox: bool | None) -> None:
     """Serve a virtio-blk device backed by FILE.
 
     \b
@@ -190,7 +196,7 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
     cfg = BlkConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=Workers(poll_us=poll_us), file=file, read_only=read_only,
                     num_queues=num_queues, serial=serial, aio=Engine(engine), direct=direct)
-    _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen))
+    _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen, sandbox))
 
 
 @main.command()
@@ -213,7 +219,8 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
 def net(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         tap: str | None, backend: str, bridge: str | None, mtu: int | None, mac: str | None,
         queue_pairs: int, name: str, print_capabilities: bool, poll_us: int, cpus: str,
-        workers: int | None, control_socket: Path | None, metrics_listen: str | None) -> None:
+        workers: int | None, control_socket: Path | None, metrics_listen: str | None,
+        sandbox: bool | None) -> None:
     """Serve a virtio-net device whose frames go to and from a tap device.
 
     \b
@@ -235,7 +242,7 @@ def net(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
     cfg = NetConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=Workers(poll_us=poll_us), tap=tap, backend=backend, bridge=bridge,
                     mtu=mtu, mac=mac_bytes, queue_pairs=queue_pairs)
-    _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen))
+    _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen, sandbox))
 
 
 # --- serve: many devices from a configuration file --------------------------------
@@ -290,7 +297,7 @@ def _default_control() -> Path:
                    "/run/vhostd as root, $XDG_RUNTIME_DIR/vhostd otherwise].")
 @daemon_options
 def serve(config_path: Path | None, state_dir: Path | None, socket_dir: Path | None,
-          control_socket: Path | None, metrics_listen: str | None) -> None:
+          control_socket: Path | None, metrics_listen: str | None, sandbox: bool | None) -> None:
     """Serve every device of a configuration file, or the built-in default:
     one disk (disk0) on a sparse 1 GiB image created in the state directory
     and kept across restarts (the QEMU options that attach a guest are printed).
@@ -305,12 +312,15 @@ def serve(config_path: Path | None, state_dir: Path | None, socket_dir: Path | N
             config = config_mod.load(config_path)
         except config_mod.ConfigError as e:
             raise click.ClickException(str(e)) from None
-        config = replace(config, daemon=_daemon_config(config.daemon, control_socket, metrics_listen))
+        config = replace(config, daemon=_daemon_config(config.daemon, control_socket, metrics_listen, sandbox))
         _serve(config, config_path)
         return
     default_state, default_run = _default_dirs()
-    config = default_config(state_dir or default_state, socket_dir or default_run)
-    config = replace(config, daemon=_daemon_config(config.daemon, control_socket, metrics_listen))
+    try:
+        config = default_config(state_dir or default_state, socket_dir or default_run)
+    except OSError as e:
+        raise click.ClickException(f"cannot set up the default disk: {e.filename}: {e.strerror}") from None
+    config = replace(config, daemon=_daemon_config(config.daemon, control_socket, metrics_listen, sandbox))
     disk = config.devices[0]
     assert isinstance(disk, BlkConfig) and disk.endpoint.socket is not None
     banner = (f"vhostd: serving disk0 ({disk.file}, {DEFAULT_IMAGE_SIZE >> 30} GiB) on {disk.endpoint.socket}\n"

@@ -7,6 +7,7 @@ allowed, e.g. ``vhostd.toml: devices.disk0.num_queues: 0 is not in 1..8``.
     metrics_listen = "127.0.0.1:9464"
     workers = 2                     # ring worker threads [default: one per CPU]
     cpu_affinity = [0, 1]           # pin worker i to the i-th CPU of the list
+    sandbox = true                  # ring workers under seccomp, capabilities dropped
 
     [devices.disk0]
     type = "blk"
@@ -90,6 +91,7 @@ class DaemonConfig:
     metrics_listen: tuple[str, int] | None = None
     workers: int = 0                       # 0: one per CPU of cpu_affinity or of the affinity mask
     cpu_affinity: tuple[int, ...] = ()
+    sandbox: bool = False                  # vhostd/sandbox.py
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(workers=self.workers, cpus=self.cpu_affinity)
@@ -221,7 +223,8 @@ def parse(data: Mapping[str, Any], source: str) -> Config:
     daemon = DaemonConfig(control_socket=Path(control) if control else None,
                           metrics_listen=_listen_addr(daemon_t),
                           workers=daemon_t.int_in("workers", 1, MAX_WORKERS, None) or 0,
-                          cpu_affinity=_cpus(daemon_t))
+                          cpu_affinity=_cpus(daemon_t),
+                          sandbox=daemon_t.get("sandbox", bool, False))
     daemon_t.check_unknown()
     devices: list[DeviceConfig] = []
     for name, table in top.get("devices", dict, {}).items():

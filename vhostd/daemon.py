@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from pyroute2 import NetlinkError
 
 from vhostd import config as config_mod
-from vhostd import activation, control, metrics, systemd
+from vhostd import activation, control, metrics, sandbox, systemd
+from vhostd.backends.tap import TapError
 from vhostd.config import BlkConfig, Config, DeviceConfig
 from vhostd.devices.base import Device
 from vhostd.devices.blk import BlkDevice, BlkOptions
@@ -252,11 +254,38 @@ def os_reason(e: OSError) -> str:
     if e.errno == errno.EAFNOSUPPORT:
         return ("address family not allowed (under systemd: RestrictAddressFamilies= must "
                 "allow it, e.g. AF_INET AF_INET6 for a TCP endpoint)")
+    hint = _systemd_hint(e, e.filename)
+    if e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}{hint}"
     if e.strerror and e.filename:
         return f"{e.filename}: {e.strerror}"
     if e.strerror:
         return e.strerror
     return str(e.args[-1]) if e.args else type(e).__name__
+
+
+def _systemd_hint(e: OSError, filename: object) -> str:
+    """What to add to the unit, when systemd's hardening is why a path failed."""
+    if not os.environ.get("INVOCATION_ID"):      # not a systemd service
+        return ""
+    if e.errno == errno.EROFS:
+        return (" (under systemd's ProtectSystem=strict: allow its directory with "
+                "ReadWritePaths= in a drop-in, see README)")
+    if e.errno in (errno.EPERM, errno.EACCES) and str(filename or "").startswith("/dev/"):
+        return " (under systemd's DevicePolicy=closed: allow it with DeviceAllow= in a drop-in, see README)"
+    return ""
+
+
+def _reason(e: Exception) -> str:
+    """An operator error as one line (no traceback)."""
+    if isinstance(e, OSError):
+        return os_reason(e)
+    if isinstance(e, ValueError) and isinstance(e.__cause__, OSError):
+        return str(e) + _systemd_hint(e.__cause__, e.__cause__.filename)
+    if isinstance(e, NetlinkError):
+        why = os.strerror(e.code) if isinstance(e.code, int) else str(e)
+        return f"netlink: {why}" + (" (CAP_NET_ADMIN needed)" if e.code == errno.EPERM else "")
+    return str(e)
 
 
 class Daemon:
@@ -278,6 +307,7 @@ class Daemon:
         # the reason for each that could not open (the devices run regardless)
         self.endpoints: dict[str, str] = {}
         self.endpoint_errors: dict[str, str] = {}
+        self.sandbox: sandbox.Sandbox | None = None
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
 
@@ -287,7 +317,12 @@ class Daemon:
         """Until SIGTERM/SIGINT; SIGHUP reloads the configuration file.
         Raises DaemonError, before READY=1, when devices are configured and
         none of them could start."""
-        nothing_started = False
+        fatal: str | None = None
+        if self.config.daemon.sandbox:
+            try:
+                sandbox.enable_workers()     # before the workers start: each filters itself
+            except sandbox.SandboxError as e:
+                raise DaemonError(str(e)) from None
         try:
             self.scheduler = Scheduler(self.config.daemon.scheduler())
         except OSError as e:
@@ -304,22 +339,29 @@ class Daemon:
                 for cfg in self.config.devices:
                     await self._start_device(cfg)
                 if self.config.devices and not self.servers:
-                    nothing_started = True
+                    fatal = "no device could be started: " + "; ".join(
+                        f"{n}: {r}" for n, r in self.failed.items())
                     nursery.cancel_scope.cancel()
                 else:
                     nursery.start_soon(self._signals, nursery.cancel_scope)
-                    await self._open_endpoints(nursery)
-                    if (interval := systemd.watchdog_interval()) is not None:
-                        nursery.start_soon(self._watchdog, interval)
-                    systemd.notify("READY=1", f"STATUS={self._status_line()}")
-                    if self.on_ready is not None:
-                        self.on_ready(self)
+                    # Before the endpoints: the threads trio starts for them
+                    # (getaddrinfo) inherit the reduced capabilities.
+                    if self.config.daemon.sandbox:
+                        fatal = self._lock_down()
+                    if fatal is not None:
+                        nursery.cancel_scope.cancel()
+                    else:
+                        await self._open_endpoints(nursery)
+                        if (interval := systemd.watchdog_interval()) is not None:
+                            nursery.start_soon(self._watchdog, interval)
+                        systemd.notify("READY=1", f"STATUS={self._status_line()}")
+                        if self.on_ready is not None:
+                            self.on_ready(self)
         finally:
             systemd.notify("STOPPING=1")
             self.scheduler.close()   # every session closed (shielded): no ring is attached
-        if nothing_started:
-            raise DaemonError("no device could be started: " + "; ".join(
-                f"{n}: {r}" for n, r in self.failed.items()))
+        if fatal is not None:
+            raise DaemonError(fatal)
 
     async def _open_endpoints(self, nursery: trio.Nursery) -> None:
         """The control socket and the metrics endpoint.  One that cannot open
@@ -347,6 +389,17 @@ class Daemon:
                 nursery.start_soon(metrics.serve, listeners, self.status)
                 log.info("metrics on http://%s/metrics", where)
 
+    def _lock_down(self) -> str | None:
+        """--sandbox: the devices' sockets, images and taps are open; keep
+        only the capabilities the configured devices need.  The reason it failed
+        (the daemon stops, before READY=1), or None."""
+        try:
+            self.sandbox = sandbox.Sandbox.lock_down(list(self.config.devices))
+        except sandbox.SandboxError as e:
+            return str(e)
+        log.info("%s", self.sandbox.describe())
+        return None
+
     def _endpoint_failed(self, setting: str, where: str, e: OSError) -> None:
         reason = os_reason(e)
         self.endpoint_errors[setting] = reason
@@ -356,12 +409,13 @@ class Daemon:
         assert self._nursery is not None
         if cfg.name in self.activation.errors:
             return self._fail(cfg, self.activation.errors[cfg.name])
+        if self.sandbox is not None and (why := self.sandbox.refuses(cfg)) is not None:
+            return self._fail(cfg, f"cannot start: {why}")
         try:
             listener = _listener(cfg, self.activation.fds.get(cfg.name))
             device = build_device(cfg)
-        except (ValueError, OSError) as e:
-            reason = os_reason(e) if isinstance(e, OSError) else str(e)
-            return self._fail(cfg, f"cannot start: {reason}")
+        except (ValueError, OSError, TapError, NetlinkError) as e:
+            return self._fail(cfg, f"cannot start: {_reason(e)}")
         try:
             listener.open()
         except OSError as e:
@@ -482,6 +536,7 @@ class Daemon:
             "endpoints": {k: {"address": v, "error": self.endpoint_errors.get(k)}
                           for k, v in self.endpoints.items()},
             "unused_sockets": list(self.activation.unused),
+            "sandbox": self.sandbox.status() if self.sandbox is not None else None,
         }
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -169,4 +169,4 @@ def _open(path: Path, flags: int) -> OwnedFd:
     try:
         return OwnedFd(os.open(path, flags))
     except OSError as e:
-        raise ValueError(f"{path}: {e.strerror}") from None
+        raise ValueError(f"{path}: {e.strerror}") from e   # the errno, for the daemon's hints
