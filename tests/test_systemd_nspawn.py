@@ -328,7 +328,7 @@ ok=""; for i in $(seq 60); do ping -c 1 -W 1 {TAP_IP} >/dev/null 2>&1 && ok=1 &&
                "vtap-net0")
         c.run(["ip", "addr", "add", f"{TAP_IP}/24", "dev", "vtap-net0"])
         res = g.result()
-    assert res.rc == 0 and "PING-OK" in res.output, res.describe()
+    assert res.rc == 0 and "PING-OK" in res.output, res.describe() + c.journal("vhostd.service")[-6000:]
     m = re.search(r"PATTERN ([0-9a-f]{32})", res.output)
     assert m and hashlib.md5(_file_at(c.path("/var/lib/vhostd/disk0.img"), 100 * 4096, 64 * 4096)
                              ).hexdigest() == m.group(1)
