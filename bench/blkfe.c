@@ -28,6 +28,15 @@
  * thread takes the bitmap every 100 ms as QEMU's migration sync does (atomic exchange with 0,
  * counted in the JSON as logged_pages, summed over syncs).
  *
+ * --regions N splits guest RAM into N memfd regions of equal size (guest-physical ranges with
+ * 2 MiB holes between them) and places the rings' parts and every request's header, data and
+ * status round-robin over them, so each translation must find its region among N.  With
+ * CONFIGURE_MEM_SLOTS they go as QEMU sends them (GET_MAX_MEM_SLOTS, then one ADD_MEM_REG per
+ * region, acknowledged); without it (or with --set-mem-table) as one SET_MEM_TABLE (N <= 8).
+ * --add-regions-every MS adds regions (ADD_MEM_REG, fresh memfds) and removes them
+ * (REM_MEM_REG) from a thread while the queues run, and reports the latency of the requests
+ * in flight during each kind of change (add_p99_us, rem_p99_us, ...) and of the rest (quiet_*).
+ *
  * Exit status: 0 ok, 1 data mismatch or I/O error status, 2 usage or setup failure,
  * 3 the back-end stopped answering or signalled a broken ring.
  *
@@ -74,6 +83,9 @@ enum vu_request {
     VU_GET_QUEUE_NUM = 17,
     VU_SET_VRING_ENABLE = 18,
     VU_GET_CONFIG = 24,
+    VU_GET_MAX_MEM_SLOTS = 36,
+    VU_ADD_MEM_REG = 37,
+    VU_REM_MEM_REG = 38,
 };
 
 
@@ -81,6 +93,7 @@ enum vu_request {
 #define F_BLK_MQ 12
 #define PF_MQ 0
 #define PF_CONFIG 9
+#define PF_CONFIGURE_MEM_SLOTS 15
 #define BIT(n) (1ull << (n))
 
 #define VRING_DESC_F_NEXT 1
@@ -245,7 +258,7 @@ static void vu_request(struct vu_conn *c, uint32_t req, const void *payload, uin
 /* GET/SET_FEATURES, protocol features and ownership, in QEMU's order.  Returns the offered
  * virtio features.  The features themselves are acked later (SET_FEATURES) by the caller.
  * `log`: dirty-page logging as during a migration, which needs LOG_ALL and LOG_SHMFD. */
-static uint64_t vu_negotiate(struct vu_conn *c, uint32_t queues, bool log)
+static uint64_t vu_negotiate(struct vu_conn *c, uint32_t queues, bool log, bool mem_slots)
 {
     uint64_t offered = vu_get_u64(c, VU_GET_FEATURES);
     if (!(offered & BIT(F_VERSION_1)))
@@ -254,7 +267,8 @@ static uint64_t vu_negotiate(struct vu_conn *c, uint32_t queues, bool log)
         die(EXIT_SETUP, "--log: back-end does not offer VHOST_F_LOG_ALL (features %#" PRIx64 ")",
             offered);
     if (offered & BIT(F_PROTOCOL_FEATURES)) {
-        uint64_t want = BIT(PF_MQ) | BIT(PF_REPLY_ACK) | BIT(PF_CONFIG) | (log ? BIT(PF_LOG_SHMFD) : 0);
+        uint64_t want = BIT(PF_MQ) | BIT(PF_REPLY_ACK) | BIT(PF_CONFIG) | (log ? BIT(PF_LOG_SHMFD) : 0) |
+                        (mem_slots ? BIT(PF_CONFIGURE_MEM_SLOTS) : 0);
         uint64_t pf = vu_get_u64(c, VU_GET_PROTOCOL_FEATURES);
         if (log && !(pf & BIT(PF_LOG_SHMFD)))
             die(EXIT_SETUP, "--log: back-end does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD "
@@ -292,48 +306,115 @@ static uint64_t vu_capacity_sectors(struct vu_conn *c)
 /* Guest "physical" addresses start here, as on a PC; the rings are passed by our own
  * (front-end) virtual addresses, as QEMU passes its own. */
 #define GPA_BASE 0x100000ull
+/* --regions: a hole between two regions' guest-physical ranges, so an address that a
+ * back-end resolves in the wrong region lands in no region at all. */
+#define REGION_GAP (2ull << 20)
+#define MAX_REGIONS 509       /* vhost-user's largest GET_MAX_MEM_SLOTS (QEMU's ACPI slots) */
 
-struct ram {
+struct ram_region {
     int fd;
     uint8_t *base;
-    uint64_t size;
-    uint64_t used;
+    uint64_t gpa, size, used;
 };
 
-static void ram_create(struct ram *r, uint64_t size)
+/* Guest RAM.  By default one memfd, one region, allocated in order.  With --regions N: N
+ * memfds of equal size, each its own region (mmap_offset 0, as QEMU's memfd DIMMs), and
+ * every allocation goes to the next region in turn (round-robin), so a request's header,
+ * data and status, and consecutive requests, sit in different regions. */
+struct ram {
+    uint32_t n;
+    bool spread;              /* --regions: round-robin over the regions */
+    bool dry;                 /* planning: only count what each region needs */
+    uint32_t next;            /* round-robin cursor */
+    struct ram_region *reg;
+    uint64_t size;            /* all regions, bytes */
+    uint64_t gpa_end;         /* end of the last region's guest-physical range */
+};
+
+static void ram_init(struct ram *r, uint32_t n, bool spread, bool dry)
 {
-    r->size = size;
-    r->used = 0;
-    r->fd = memfd_create("blkfe-guest-ram", MFD_CLOEXEC);
-    if (r->fd < 0 || ftruncate(r->fd, (off_t)size) < 0)
-        die(EXIT_SETUP, "memfd of %" PRIu64 " bytes: %s", size, strerror(errno));
-    r->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, 0);
-    if (r->base == MAP_FAILED)
-        die(EXIT_SETUP, "mmap guest RAM: %s", strerror(errno));
+    *r = (struct ram){ .n = n, .spread = spread, .dry = dry, .reg = calloc(n, sizeof(*r->reg)) };
+    if (!r->reg)
+        die(EXIT_SETUP, "out of memory");
 }
 
-static void *ram_alloc(struct ram *r, uint64_t size, uint64_t align)
+/* The largest amount any region was asked for (after a dry run). */
+static uint64_t ram_max_used(const struct ram *r)
 {
-    uint64_t off = align_up(r->used, align);
-    if (off + size > r->size)
-        die(EXIT_SETUP, "guest RAM too small (%" PRIu64 " MiB): raise --ram-mib", r->size >> 20);
-    r->used = off + size;
-    return r->base + off;
+    uint64_t m = 0;
+    for (uint32_t k = 0; k < r->n; k++)
+        m = r->reg[k].used > m ? r->reg[k].used : m;
+    return m;
 }
 
-static uint64_t ram_gpa(const struct ram *r, const void *p)
+/* Creates every region, `region_size` bytes each (a multiple of 4 KiB), populated. */
+static void ram_create(struct ram *r, uint64_t region_size)
 {
-    return GPA_BASE + (uint64_t)((const uint8_t *)p - r->base);
+    uint64_t stride = r->spread ? align_up(region_size, 1u << 20) + REGION_GAP : region_size;
+    r->size = 0;
+    for (uint32_t k = 0; k < r->n; k++) {
+        struct ram_region *g = &r->reg[k];
+        *g = (struct ram_region){ .gpa = GPA_BASE + k * stride, .size = region_size };
+        g->fd = memfd_create("blkfe-guest-ram", MFD_CLOEXEC);
+        if (g->fd < 0 || ftruncate(g->fd, (off_t)region_size) < 0)
+            die(EXIT_SETUP, "memfd of %" PRIu64 " bytes: %s", region_size, strerror(errno));
+        g->base = mmap(NULL, region_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, g->fd, 0);
+        if (g->base == MAP_FAILED)
+            die(EXIT_SETUP, "mmap guest RAM: %s", strerror(errno));
+        r->size += region_size;
+        r->gpa_end = g->gpa + region_size;
+    }
+}
+
+/* `size` bytes aligned to `align` in the next region; its guest-physical address in *gpa.
+ * A dry run returns NULL and only counts. */
+static void *ram_alloc(struct ram *r, uint64_t size, uint64_t align, uint64_t *gpa)
+{
+    struct ram_region *g = &r->reg[r->spread ? r->next++ % r->n : 0];
+    uint64_t off = align_up(g->used, align);
+    if (!r->dry && off + size > g->size)
+        die(EXIT_SETUP, "guest RAM too small (%" PRIu64 " MiB in %u region(s)): raise --ram-mib",
+            r->size >> 20, r->n);
+    g->used = off + size;
+    *gpa = g->gpa + off;
+    return r->dry ? NULL : g->base + off;
+}
+
+/* The memory table, as QEMU sends it: one SET_MEM_TABLE (at most 8 regions), or with
+ * CONFIGURE_MEM_SLOTS one ADD_MEM_REG per region (each acknowledged with REPLY_ACK). */
+struct vu_mem_table {
+    uint32_t nregions;
+    uint32_t padding;
+    struct vu_mem_region {
+        uint64_t gpa;
+        uint64_t size;
+        uint64_t uva;
+        uint64_t mmap_offset;
+    } region[VU_MAX_FDS];
+};
+
+struct vu_mem_reg {
+    uint64_t padding;
+    struct vu_mem_region region;
+};
+
+static struct vu_mem_region mem_region(const struct ram_region *g)
+{
+    return (struct vu_mem_region){ g->gpa, g->size, (uint64_t)(uintptr_t)g->base, 0 };
 }
 
 static void vu_set_mem_table(struct vu_conn *c, const struct ram *r)
 {
-    struct vu_mem m = { .nregions = 1 };
-    m.region[0].gpa = GPA_BASE;
-    m.region[0].size = r->size;
-    m.region[0].uva = (uint64_t)(uintptr_t)r->base;
-    m.region[0].mmap_offset = 0;
-    vu_request(c, VU_SET_MEM_TABLE, &m, sizeof(m), &r->fd, 1, true);
+    struct vu_mem_table m = { .nregions = r->n };
+    int fds[VU_MAX_FDS];
+    if (r->n > VU_MAX_FDS)
+        die(EXIT_SETUP, "SET_MEM_TABLE carries at most %d regions, not %u", VU_MAX_FDS, r->n);
+    for (uint32_t k = 0; k < r->n; k++) {
+        m.region[k] = mem_region(&r->reg[k]);
+        fds[k] = r->reg[k].fd;
+    }
+    uint32_t size = (uint32_t)(8 + sizeof(m.region[0]) * r->n);
+    vu_request(c, VU_SET_MEM_TABLE, &m, size, fds, (int)r->n, true);
 }
 
 /* --- split virtqueue, driver side -------------------------------------------------------- */
@@ -347,11 +428,26 @@ struct blk_outhdr {
 /* Each request slot owns a fixed three-descriptor chain: header, data, status. */
 #define DESCS_PER_REQ 3
 
+/* --add-regions-every: seqlock-like change counters, odd while an ADD_MEM_REG (add_seq) or
+ * REM_MEM_REG (rem_seq) window is open, so that a request can tell whether it was in flight
+ * during one.  Written by the region thread only. */
+static bool track_changes;
+static uint64_t add_seq, rem_seq;
+
 struct slot {
     uint64_t t_submit;
     uint64_t sector;
+    uint64_t add_seq, rem_seq;   /* --add-regions-every: the change counters at submission */
     uint32_t type;
     bool busy;
+};
+
+/* Where a slot's header, data and status live (in one region, or three with --regions). */
+struct slot_mem {
+    struct blk_outhdr *hdr;   /* the driver writes it */
+    uint8_t *data;            /* bs bytes */
+    uint8_t *status;          /* the device writes it (never on a line the driver writes) */
+    uint64_t hdr_gpa, data_gpa, status_gpa;
 };
 
 /* What a queue's thread does in one phase. */
@@ -382,10 +478,8 @@ struct queue {
     uint32_t qd, bs;
     struct slot *slots;
     uint32_t *free_slots, nfree;
-    struct blk_outhdr *hdrs;  /* per slot; the driver writes them */
-    uint8_t *status;          /* per slot; the device writes them (kept apart from hdrs) */
-    uint8_t *data;            /* qd * bs */
-    const struct ram *ram;
+    struct slot_mem *mem;     /* per slot */
+    uint64_t used_gpa;        /* for VHOST_VRING_F_LOG */
     /* Workload. */
     struct job job;
     uint64_t rng;
@@ -394,6 +488,9 @@ struct queue {
     pthread_t thread;
     /* Results. */
     struct hist lat;
+    /* --add-regions-every: requests in flight during an ADD_MEM_REG / REM_MEM_REG window,
+     * and those that overlapped none. */
+    struct hist lat_add, lat_rem, lat_quiet;
     uint64_t completed;       /* read by the watchdog (relaxed atomics) */
     uint64_t errors, mismatches, kicks, wakeups, t_start, t_end;
 };
@@ -405,7 +502,43 @@ static struct vring_desc *slot_chain(struct queue *q, uint32_t s)
 
 static uint8_t *slot_data(struct queue *q, uint32_t s)
 {
-    return q->data + (uint64_t)s * q->bs;
+    return q->mem[s].data;
+}
+
+/* The queue's guest memory: the ring's three parts, then the slots' headers, status bytes
+ * and data, either as three arrays (one region, the layout of old) or, with --regions,
+ * each item in the next region in turn.  A dry run (ram->dry) only counts. */
+static void queue_alloc(struct queue *q, struct ram *ram, uint32_t num, uint32_t qd, uint32_t bs)
+{
+    uint64_t desc_gpa, avail_gpa;
+    /* Each part on its own pages: the driver writes desc/avail, the device writes used;
+     * sharing a cache line would bounce it between the two CPUs for nothing. */
+    q->desc = ram_alloc(ram, 16ull * num, 4096, &desc_gpa);
+    q->avail = ram_alloc(ram, 6 + 2ull * num, 4096, &avail_gpa);
+    q->used = ram_alloc(ram, 6 + 8ull * num, 4096, &q->used_gpa);
+    q->mem = calloc(qd, sizeof(*q->mem));
+    if (!q->mem)
+        die(EXIT_SETUP, "out of memory");
+    if (!ram->spread) {
+        uint64_t hg, sg, dg;
+        struct blk_outhdr *h = ram_alloc(ram, sizeof(*h) * qd, 4096, &hg);
+        uint8_t *st = ram_alloc(ram, qd, 4096, &sg);
+        uint8_t *d = ram_alloc(ram, (uint64_t)qd * bs, 4096, &dg);
+        if (ram->dry)
+            return;
+        for (uint32_t s = 0; s < qd; s++)
+            q->mem[s] = (struct slot_mem){ h + s, d + (uint64_t)s * bs, st + s,
+                                           hg + s * sizeof(*h), dg + (uint64_t)s * bs, sg + s };
+        return;
+    }
+    /* A cache line each for headers and status bytes, so that the device's status writes
+     * never share a line with the driver's header writes, whatever the region count. */
+    for (uint32_t s = 0; s < qd; s++) {
+        struct slot_mem *m = &q->mem[s];
+        m->hdr = ram_alloc(ram, sizeof(*m->hdr), 64, &m->hdr_gpa);
+        m->data = ram_alloc(ram, bs, 4096, &m->data_gpa);
+        m->status = ram_alloc(ram, 1, 64, &m->status_gpa);
+    }
 }
 
 static void queue_layout(struct queue *q, struct ram *ram, uint16_t index, uint32_t num,
@@ -414,19 +547,11 @@ static void queue_layout(struct queue *q, struct ram *ram, uint16_t index, uint3
     q->index = index;
     q->num = (uint16_t)num;
     q->event_idx = event_idx;
-    q->ram = ram;
-    /* Each part on its own pages: the driver writes desc/avail, the device writes used;
-     * sharing a cache line would bounce it between the two CPUs for nothing. */
-    q->desc = ram_alloc(ram, 16ull * num, 4096);
-    q->avail = ram_alloc(ram, 6 + 2ull * num, 4096);
-    q->used = ram_alloc(ram, 6 + 8ull * num, 4096);
+    queue_alloc(q, ram, num, qd, bs);
     q->used_event = &q->avail->ring[num];
     q->avail_event = (uint16_t *)&q->used->ring[num];
     q->qd = qd;
     q->bs = bs;
-    q->hdrs = ram_alloc(ram, sizeof(struct blk_outhdr) * qd, 4096);
-    q->status = ram_alloc(ram, qd, 4096);
-    q->data = ram_alloc(ram, (uint64_t)qd * bs, 4096);
     q->slots = calloc(qd, sizeof(*q->slots));
     q->free_slots = calloc(qd, sizeof(*q->free_slots));
     if (!q->slots || !q->free_slots)
@@ -453,7 +578,7 @@ static void vu_start_queue(struct vu_conn *c, const struct queue *q, bool log)
         .desc = (uint64_t)(uintptr_t)q->desc,
         .used = (uint64_t)(uintptr_t)q->used,
         .avail = (uint64_t)(uintptr_t)q->avail,
-        .log = log ? ram_gpa(q->ram, q->used) : 0,
+        .log = log ? q->used_gpa : 0,
     };
     uint64_t idx = q->index;
     vu_request(c, VU_SET_VRING_NUM, &num, sizeof(num), NULL, 0, false);
@@ -507,24 +632,29 @@ static void queue_add(struct queue *q, uint32_t s, uint32_t type, uint64_t secto
 {
     struct vring_desc *d = slot_chain(q, s);
     uint16_t head = (uint16_t)(s * DESCS_PER_REQ);
-    struct blk_outhdr *h = &q->hdrs[s];
+    const struct slot_mem *m = &q->mem[s];
+    struct blk_outhdr *h = m->hdr;
     h->type = type;
     h->ioprio = 0;
     h->sector = sector;
     /* Not a valid status: a completion that never wrote one is caught. */
-    q->status[s] = 0xff;
-    d[0] = (struct vring_desc){ ram_gpa(q->ram, h), sizeof(*h), VRING_DESC_F_NEXT,
+    *m->status = 0xff;
+    d[0] = (struct vring_desc){ m->hdr_gpa, sizeof(*h), VRING_DESC_F_NEXT,
                                 (uint16_t)(head + (type == BLK_T_FLUSH ? 2 : 1)) };
     if (type != BLK_T_FLUSH)
-        d[1] = (struct vring_desc){ ram_gpa(q->ram, slot_data(q, s)), q->bs,
+        d[1] = (struct vring_desc){ m->data_gpa, q->bs,
                                     (uint16_t)(VRING_DESC_F_NEXT | (type == BLK_T_IN ? VRING_DESC_F_WRITE : 0)),
                                     (uint16_t)(head + 2) };
-    d[2] = (struct vring_desc){ ram_gpa(q->ram, &q->status[s]), 1, VRING_DESC_F_WRITE, 0 };
+    d[2] = (struct vring_desc){ m->status_gpa, 1, VRING_DESC_F_WRITE, 0 };
     /* A plain store: the release store of avail->idx in queue_publish() orders it (and the
      * descriptors and header above) before the device can see the new index. */
     q->avail->ring[q->avail_idx & (q->num - 1)] = head;
     q->avail_idx++;
-    q->slots[s] = (struct slot){ now, sector, type, true };
+    q->slots[s] = (struct slot){ .t_submit = now, .sector = sector, .type = type, .busy = true };
+    if (track_changes) {
+        q->slots[s].add_seq = __atomic_load_n(&add_seq, __ATOMIC_ACQUIRE);
+        q->slots[s].rem_seq = __atomic_load_n(&rem_seq, __ATOMIC_ACQUIRE);
+    }
 }
 
 /* Makes the added requests visible and kicks if the device wants a kick. */
@@ -576,7 +706,18 @@ static void queue_complete(struct queue *q, uint32_t s, uint64_t now)
 {
     struct slot *sl = &q->slots[s];
     hist_add(&q->lat, now - sl->t_submit);
-    uint8_t status = q->status[s];
+    if (track_changes) {
+        /* Odd: a change was under way at submission; changed: one began since. */
+        bool in_add = (sl->add_seq & 1) || __atomic_load_n(&add_seq, __ATOMIC_ACQUIRE) != sl->add_seq;
+        bool in_rem = (sl->rem_seq & 1) || __atomic_load_n(&rem_seq, __ATOMIC_ACQUIRE) != sl->rem_seq;
+        if (in_add)
+            hist_add(&q->lat_add, now - sl->t_submit);
+        if (in_rem)
+            hist_add(&q->lat_rem, now - sl->t_submit);
+        if (!in_add && !in_rem)
+            hist_add(&q->lat_quiet, now - sl->t_submit);
+    }
+    uint8_t status = *q->mem[s].status;
     if (status != BLK_S_OK) {
         if (q->errors == 0)
             fprintf(stderr, "blkfe: queue %u: request type %u sector %" PRIu64 ": status %u\n",
@@ -680,6 +821,28 @@ struct options {
     bool event_idx, verify, check_only, sync, log;
     int cpus[64];
     int ncpus;
+    uint32_t regions;                /* --regions N; 0: one region, the layout of old */
+    uint64_t add_every_ms;           /* --add-regions-every MS; 0: no region changes */
+    uint32_t add_max;                /* --add-regions-max K */
+    bool add_grow;                   /* --add-regions-mode grow (else cycle) */
+    bool set_mem_table;              /* --set-mem-table: never ask for CONFIGURE_MEM_SLOTS */
+    uint64_t add_region_mib;         /* --add-region-mib */
+    uint64_t change_window_ms;       /* --change-window-ms */
+};
+
+/* --add-regions-every: a thread that, while the queues run, adds a region every MS ms
+ * (ADD_MEM_REG, a fresh memfd each time, as QEMU for a DIMM) up to K at once, then (cycle)
+ * removes them one per MS ms (REM_MEM_REG) and starts over.  After setup nothing else uses
+ * the socket, so this thread owns it. */
+struct hotplug {
+    struct vu_conn *c;
+    uint64_t every_ns, window_ns, size, gpa0, stride;
+    uint32_t max, present;
+    bool grow, removing, stop;      /* stop: atomic */
+    struct ram_region *slot;        /* max entries; fd < 0: free */
+    pthread_t thread;
+    uint64_t adds, rems;
+    struct hist add_ack, rem_ack;   /* request sent to ack received */
 };
 
 struct run {
@@ -691,6 +854,9 @@ struct run {
     bool flush;                  /* VIRTIO_BLK_F_FLUSH negotiated */
     struct queue *q;
     struct vu_log log;           /* --log */
+    struct hotplug hp;           /* --add-regions-every */
+    const char *mem_setup;       /* how the table was sent: set_mem_table / add_mem_reg */
+    uint64_t max_mem_slots;      /* GET_MAX_MEM_SLOTS, 0 if not asked */
     pthread_barrier_t start, phase;
     uint32_t finished;           /* queue threads done (atomic) */
 };
@@ -773,6 +939,93 @@ static void *queue_main(void *arg)
     return NULL;
 }
 
+/* --- --add-regions-every: regions added and removed while the queues run ---------------- */
+
+static void sleep_ns(uint64_t ns)
+{
+    struct timespec ts = { (time_t)(ns / 1000000000u), (long)(ns % 1000000000u) };
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* One ADD_MEM_REG or REM_MEM_REG with NEED_REPLY, inside a window the queue threads see
+ * (*seq odd).  The window stays open window_ns after the ack: work a back-end defers past
+ * its ack still counts.  Returns the round trip, request sent to ack received (ns). */
+static uint64_t hp_change(struct hotplug *h, uint32_t req, const struct ram_region *g, uint64_t *seq)
+{
+    struct vu_mem_reg m = { 0, mem_region(g) };
+    __atomic_add_fetch(seq, 1, __ATOMIC_ACQ_REL);
+    uint64_t t0 = now_ns();
+    /* REM_MEM_REG carries the region's fd too, as QEMU 7.2 sends it: libvhost-user 7.2
+     * (qemu-storage-daemon) closes one fd unconditionally, and vhost-user.rst lets a back-end
+     * accept one and close it unused. */
+    vu_send(h->c, req, true, &m, sizeof(m), &g->fd, 1);
+    uint64_t status = 1;
+    vu_recv_reply(h->c, req, &status, sizeof(status));
+    uint64_t rtt = now_ns() - t0;
+    if (status != 0)
+        die(EXIT_BACKEND, "back-end refused %s of gpa %#" PRIx64 " (status %" PRIu64 ")",
+            req == VU_ADD_MEM_REG ? "ADD_MEM_REG" : "REM_MEM_REG", g->gpa, status);
+    sleep_ns(h->window_ns);
+    __atomic_add_fetch(seq, 1, __ATOMIC_ACQ_REL);
+    return rtt;
+}
+
+static void hp_add(struct hotplug *h)
+{
+    uint32_t j = 0;
+    while (h->slot[j].fd >= 0)
+        j++;
+    struct ram_region *g = &h->slot[j];
+    /* A fresh memfd, not populated, as QEMU's memory-backend-memfd for a DIMM. */
+    *g = (struct ram_region){ .gpa = h->gpa0 + j * h->stride, .size = h->size };
+    g->fd = memfd_create("blkfe-hotplug", MFD_CLOEXEC);
+    if (g->fd < 0 || ftruncate(g->fd, (off_t)h->size) < 0)
+        die(EXIT_SETUP, "memfd of %" PRIu64 " bytes: %s", h->size, strerror(errno));
+    g->base = mmap(NULL, h->size, PROT_READ | PROT_WRITE, MAP_SHARED, g->fd, 0);
+    if (g->base == MAP_FAILED)
+        die(EXIT_SETUP, "mmap a hot-added region: %s", strerror(errno));
+    hist_add(&h->add_ack, hp_change(h, VU_ADD_MEM_REG, g, &add_seq));
+    h->adds++;
+    if (++h->present == h->max && !h->grow)
+        h->removing = true;
+}
+
+/* Removes the oldest region (cycle mode adds slots 0..K-1 in order, then removes them so). */
+static void hp_remove(struct hotplug *h)
+{
+    uint32_t j = 0;
+    while (h->slot[j].fd < 0)
+        j++;
+    struct ram_region *g = &h->slot[j];
+    hist_add(&h->rem_ack, hp_change(h, VU_REM_MEM_REG, g, &rem_seq));
+    munmap(g->base, g->size);
+    close(g->fd);
+    g->fd = -1;
+    h->rems++;
+    if (--h->present == 0)
+        h->removing = false;
+}
+
+static void *hp_main(void *arg)
+{
+    struct hotplug *h = arg;
+    uint64_t next = now_ns() + h->every_ns;
+    while (!__atomic_load_n(&h->stop, __ATOMIC_ACQUIRE)) {
+        uint64_t t = now_ns();
+        if (t < next) {
+            sleep_ns(next - t < 10000000u ? next - t : 10000000u);
+            continue;
+        }
+        next += h->every_ns;
+        if (h->removing)
+            hp_remove(h);
+        else if (h->present < h->max)
+            hp_add(h);
+    }
+    return NULL;
+}
+
 /* While the queue threads run: a back-end that breaks a ring (err eventfd), hangs up or stops
  * completing requests ends the run with a message instead of hanging it. */
 #define STALL_NS (10 * 1000000000ull)
@@ -784,8 +1037,9 @@ static void watch_run(struct run *r)
     struct pollfd pfd[MAX_QUEUES + 1];
     for (uint32_t i = 0; i < Q; i++)
         pfd[i] = (struct pollfd){ .fd = r->q[i].err_fd, .events = POLLIN };
-    /* The back-end never writes to this socket unasked: readable means it hung up. */
-    pfd[Q] = (struct pollfd){ .fd = r->conn.sock, .events = POLLIN };
+    /* The back-end never writes to this socket unasked: readable means it hung up.  With
+     * --add-regions-every its replies arrive here too: then only a hang-up counts. */
+    pfd[Q] = (struct pollfd){ .fd = r->conn.sock, .events = r->opt.add_every_ms ? POLLRDHUP : POLLIN };
     uint64_t last_total = 0, last_change = now_ns();
     while (__atomic_load_n(&r->finished, __ATOMIC_ACQUIRE) < Q) {
         if (poll(pfd, Q + 1, 100) > 0) {
@@ -829,7 +1083,23 @@ static void usage(FILE *f)
           "                   JSON line wait for stdin EOF before disconnecting\n"
           "  --log            dirty-page logging as during a migration: negotiate LOG_ALL and\n"
           "                   LOG_SHMFD, share a bitmap (SET_LOG_BASE), log used rings, and\n"
-          "                   clear the bitmap every 100 ms (counted as logged_pages)\n", f);
+          "                   clear the bitmap every 100 ms (counted as logged_pages)\n"
+          "  --regions N      guest RAM as N memfd regions of equal size (1..509), the rings'\n"
+          "                   parts and each request's header, data and status placed\n"
+          "                   round-robin over them; sent with ADD_MEM_REG if the back-end\n"
+          "                   offers CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE (N <= 8)\n"
+          "  --set-mem-table  send the --regions with SET_MEM_TABLE even if the back-end offers\n"
+          "                   CONFIGURE_MEM_SLOTS (N <= 8)\n"
+          "  --add-regions-every MS\n"
+          "                   while the queues run, a thread adds a region (ADD_MEM_REG, a\n"
+          "                   fresh memfd) every MS ms, up to --add-regions-max at once, then\n"
+          "                   removes them (REM_MEM_REG) one per MS ms and starts over; the\n"
+          "                   JSON gets latency of requests in flight during a change\n"
+          "  --add-regions-max K        regions added at once (default 8)\n"
+          "  --add-regions-mode M       cycle (default) or grow (add K, then keep them)\n"
+          "  --add-region-mib M         size of an added region (default 64)\n"
+          "  --change-window-ms W       a change's window lasts until W ms after its ack\n"
+          "                             (default 25, less than MS)\n", f);
 }
 
 static uint64_t parse_u64(const char *name, const char *s, uint64_t min, uint64_t max)
@@ -867,10 +1137,18 @@ static void parse_options(struct options *o, int argc, char **argv)
         { "seed", required_argument, NULL, 's' },   { "verify", no_argument, NULL, 'V' },
         { "sync", no_argument, NULL, 'Y' },         { "help", no_argument, NULL, 'h' },
         { "check", no_argument, NULL, 'C' },         { "log", no_argument, NULL, 'L' },
+        { "regions", required_argument, NULL, 'R' },
+        { "add-regions-every", required_argument, NULL, 'A' },
+        { "add-regions-max", required_argument, NULL, 'K' },
+        { "add-regions-mode", required_argument, NULL, 'M' },
+        { "add-region-mib", required_argument, NULL, 'Z' },
+        { "change-window-ms", required_argument, NULL, 'W' },
+        { "set-mem-table", no_argument, NULL, 'T' },
         { NULL, 0, NULL, 0 },
     };
     *o = (struct options){ .mode = RANDREAD, .bs = 4096, .qd = 32, .queues = 1, .seconds = 5,
-                           .seed = 1, .event_idx = true };
+                           .seed = 1, .event_idx = true, .add_max = 8, .add_region_mib = 64,
+                           .change_window_ms = 25 };
     int c;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
@@ -903,6 +1181,17 @@ static void parse_options(struct options *o, int argc, char **argv)
         case 'C': o->verify = o->check_only = true; break;
         case 'Y': o->sync = true; break;
         case 'L': o->log = true; break;
+        case 'R': o->regions = (uint32_t)parse_u64("regions", optarg, 1, MAX_REGIONS); break;
+        case 'A': o->add_every_ms = parse_u64("add-regions-every", optarg, 1, 3600000); break;
+        case 'K': o->add_max = (uint32_t)parse_u64("add-regions-max", optarg, 1, MAX_REGIONS - 1); break;
+        case 'M':
+            if (strcmp(optarg, "grow") != 0 && strcmp(optarg, "cycle") != 0)
+                die(EXIT_SETUP, "--add-regions-mode: %s is neither grow nor cycle", optarg);
+            o->add_grow = strcmp(optarg, "grow") == 0;
+            break;
+        case 'Z': o->add_region_mib = parse_u64("add-region-mib", optarg, 1, 1u << 20); break;
+        case 'T': o->set_mem_table = true; break;
+        case 'W': o->change_window_ms = parse_u64("change-window-ms", optarg, 0, 3600000); break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(EXIT_SETUP);
         }
@@ -918,6 +1207,9 @@ static void parse_options(struct options *o, int argc, char **argv)
         o->ring = pow2_ceil(need < 256 ? 256 : need);
     if (o->ring & (o->ring - 1) || o->ring < need || o->ring > 32768)
         die(EXIT_SETUP, "--ring: %u is not a power of two in %u..32768", o->ring, need);
+    if (o->add_every_ms && o->change_window_ms >= o->add_every_ms)
+        die(EXIT_SETUP, "--change-window-ms %" PRIu64 " must be less than --add-regions-every %" PRIu64,
+            o->change_window_ms, o->add_every_ms);
 }
 
 /* The disk range in blocks of bs, checked against the capacity the back-end reported. */
@@ -951,7 +1243,25 @@ static void setup(struct run *r)
     const struct options *o = &r->opt;
     struct vu_conn *c = &r->conn;
     vu_connect(c, o->socket);
-    uint64_t offered = vu_negotiate(c, o->queues, o->log);
+    uint64_t offered = vu_negotiate(c, o->queues, o->log,
+                                    (o->regions || o->add_every_ms) && !o->set_mem_table);
+    bool slots = c->protocol & BIT(PF_CONFIGURE_MEM_SLOTS);
+    if (o->add_every_ms && (!slots || !(c->protocol & BIT(PF_REPLY_ACK))))
+        die(EXIT_SETUP, "--add-regions-every: the back-end does not offer %s (protocol features "
+            "%#" PRIx64 ")", slots ? "REPLY_ACK" : "CONFIGURE_MEM_SLOTS", c->protocol);
+    if (o->regions > VU_MAX_FDS && !slots)
+        die(EXIT_SETUP, "--regions %u: %s, and SET_MEM_TABLE carries at most %d regions", o->regions,
+            o->set_mem_table ? "--set-mem-table"
+                             : "the back-end does not offer VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS",
+            VU_MAX_FDS);
+    if (slots) {
+        /* As QEMU: the slot count first; regions then go one by one (ADD_MEM_REG). */
+        r->max_mem_slots = vu_get_u64(c, VU_GET_MAX_MEM_SLOTS);
+        uint64_t want = (o->regions ? o->regions : 1) + (o->add_every_ms ? o->add_max : 0);
+        if (want > r->max_mem_slots)
+            die(EXIT_SETUP, "the back-end has %" PRIu64 " memory slots (GET_MAX_MEM_SLOTS); "
+                "--regions and --add-regions-max need %" PRIu64, r->max_mem_slots, want);
+    }
     r->capacity = vu_capacity_sectors(c) * SECTOR;
     set_range(r);
 
@@ -966,12 +1276,35 @@ static void setup(struct run *r)
     vu_request(c, VU_SET_FEATURES, &c->features, sizeof(c->features), NULL, 0, false);
 
     uint64_t size = o->ram_mib ? o->ram_mib << 20 : 64u << 20;
-    if (size < ram_needed(o)) {
-        if (o->ram_mib)
-            die(EXIT_SETUP, "--ram-mib: the rings and buffers need %" PRIu64 " MiB", ram_needed(o) >> 20);
-        size = ram_needed(o);
+    if (!o->regions) {
+        if (size < ram_needed(o)) {
+            if (o->ram_mib)
+                die(EXIT_SETUP, "--ram-mib: the rings and buffers need %" PRIu64 " MiB", ram_needed(o) >> 20);
+            size = ram_needed(o);
+        }
+        ram_init(&r->ram, 1, false, false);
+        ram_create(&r->ram, size);
+    } else {
+        /* A dry run of the layout says what the fullest region needs. */
+        struct ram plan;
+        ram_init(&plan, o->regions, true, true);
+        for (uint32_t i = 0; i < o->queues; i++) {
+            struct queue scratch = { 0 };
+            queue_alloc(&scratch, &plan, o->ring, o->qd, o->bs);
+            free(scratch.mem);
+        }
+        uint64_t per = align_up((size + o->regions - 1) / o->regions, 4096);
+        uint64_t need = align_up(ram_max_used(&plan), 4096);
+        free(plan.reg);
+        if (need > per) {
+            if (o->ram_mib)
+                die(EXIT_SETUP, "--ram-mib: with %u regions the rings and buffers need %" PRIu64
+                    " MiB", o->regions, (need * o->regions) >> 20);
+            per = need;
+        }
+        ram_init(&r->ram, o->regions, true, false);
+        ram_create(&r->ram, per);
     }
-    ram_create(&r->ram, size);
     r->q = calloc(o->queues, sizeof(*r->q));
     if (!r->q)
         die(EXIT_SETUP, "out of memory");
@@ -985,9 +1318,34 @@ static void setup(struct run *r)
         for (uint32_t s = 0; s < q->qd; s++)   /* benchmark writes carry data, not zeros */
             fill_pattern(slot_data(q, s), q->bs, s, o->seed);
     }
-    vu_set_mem_table(c, &r->ram);
+    if (slots) {
+        for (uint32_t k = 0; k < r->ram.n; k++) {
+            struct vu_mem_reg m = { 0, mem_region(&r->ram.reg[k]) };
+            vu_request(c, VU_ADD_MEM_REG, &m, sizeof(m), &r->ram.reg[k].fd, 1, true);
+        }
+        r->mem_setup = "add_mem_reg";
+    } else {
+        vu_set_mem_table(c, &r->ram);
+        r->mem_setup = "set_mem_table";
+    }
+    if (o->add_every_ms) {
+        struct hotplug *h = &r->hp;
+        *h = (struct hotplug){ .c = c, .every_ns = o->add_every_ms * 1000000u,
+                               .window_ns = o->change_window_ms * 1000000u,
+                               .size = o->add_region_mib << 20, .max = o->add_max, .grow = o->add_grow };
+        h->gpa0 = align_up(r->ram.gpa_end + REGION_GAP, 1u << 30);
+        h->stride = align_up(h->size, 1u << 20) + REGION_GAP;
+        h->slot = calloc(h->max, sizeof(*h->slot));
+        if (!h->slot)
+            die(EXIT_SETUP, "out of memory");
+        for (uint32_t j = 0; j < h->max; j++)
+            h->slot[j].fd = -1;
+        track_changes = true;
+    }
     if (o->log) {
-        vu_log_create(&r->log, GPA_BASE, r->ram.size);
+        /* The bitmap covers the base regions (and the holes between them), not added ones:
+         * no request ever uses those. */
+        vu_log_create(&r->log, GPA_BASE, r->ram.gpa_end - GPA_BASE);
         vu_log_set_base(c, &r->log);
     }
     for (uint32_t i = 0; i < o->queues; i++)
@@ -996,6 +1354,15 @@ static void setup(struct run *r)
      * serves requests in order. */
     if (!(c->protocol & BIT(PF_REPLY_ACK)))
         vu_get_u64(c, VU_GET_FEATURES);
+}
+
+/* A latency histogram as PREFIX_requests, PREFIX_p50_us ... PREFIX_max_us. */
+static void print_hist_json(const char *prefix, const struct hist *h)
+{
+    printf(", \"%s_requests\": %" PRIu64 ", \"%s_p50_us\": %.2f, \"%s_p99_us\": %.2f"
+           ", \"%s_p999_us\": %.2f, \"%s_max_us\": %.2f", prefix, h->n, prefix,
+           hist_percentile(h, 50) / 1e3, prefix, hist_percentile(h, 99) / 1e3, prefix,
+           hist_percentile(h, 99.9) / 1e3, prefix, (double)h->max / 1e3);
 }
 
 static bool report(const struct run *r)
@@ -1027,6 +1394,28 @@ static bool report(const struct run *r)
            (double)wakeups / n, errors);
     if (o->log)
         vu_log_print_json(&r->log);
+    if (o->regions || o->add_every_ms)
+        printf(", \"regions\": %u, \"mem_setup\": \"%s\", \"max_mem_slots\": %" PRIu64,
+               r->ram.n, r->mem_setup, r->max_mem_slots);
+    if (o->add_every_ms) {
+        static struct hist add, rem, quiet;
+        for (uint32_t i = 0; i < o->queues; i++) {
+            hist_merge(&add, &r->q[i].lat_add);
+            hist_merge(&rem, &r->q[i].lat_rem);
+            hist_merge(&quiet, &r->q[i].lat_quiet);
+        }
+        const struct hotplug *h = &r->hp;
+        printf(", \"region_changes\": %" PRIu64 ", \"regions_added\": %" PRIu64
+               ", \"regions_removed\": %" PRIu64 ", \"change_window_ms\": %" PRIu64,
+               h->adds + h->rems, h->adds, h->rems, o->change_window_ms);
+        print_hist_json("add", &add);
+        print_hist_json("rem", &rem);
+        print_hist_json("quiet", &quiet);
+        printf(", \"add_ack_p50_us\": %.2f, \"add_ack_max_us\": %.2f, \"rem_ack_p50_us\": %.2f"
+               ", \"rem_ack_max_us\": %.2f", hist_percentile(&h->add_ack, 50) / 1e3,
+               (double)h->add_ack.max / 1e3, hist_percentile(&h->rem_ack, 50) / 1e3,
+               (double)h->rem_ack.max / 1e3);
+    }
     if (o->verify)
         printf(", \"verify\": \"%s\", \"bytes_verified\": %" PRIu64 ", \"mismatched_sectors\": %" PRIu64,
                errors || mismatches ? "failed" : "ok", r->range_blocks * o->bs, mismatches);
@@ -1067,9 +1456,18 @@ int main(int argc, char **argv)
     if (r.opt.log)
         vu_log_start(&r.log);
     pthread_barrier_wait(&r.start);
+    if (r.opt.add_every_ms) {
+        int rc = pthread_create(&r.hp.thread, NULL, hp_main, &r.hp);
+        if (rc != 0)
+            die(EXIT_SETUP, "pthread_create: %s", strerror(rc));
+    }
     watch_run(&r);
     for (uint32_t i = 0; i < Q; i++)
         pthread_join(r.q[i].thread, NULL);
+    if (r.opt.add_every_ms) {
+        __atomic_store_n(&r.hp.stop, true, __ATOMIC_RELEASE);
+        pthread_join(r.hp.thread, NULL);
+    }
     if (r.opt.log)
         vu_log_stop(&r.log);
     bool ok = report(&r);

@@ -37,6 +37,9 @@
 #define VRING_AVAIL_F_NO_INTERRUPT 1
 #define VRING_USED_F_NO_NOTIFY 1
 
+/* SET_MEM_TABLE carries up to 8 regions, each with its fd (VHOST_MEMORY_BASELINE_NREGIONS). */
+#define VU_MAX_FDS 8
+
 #define EXIT_SETUP 2
 #define EXIT_BACKEND 3
 
@@ -137,10 +140,12 @@ static inline void vu_send(struct vu_conn *c, uint32_t req, bool need_reply, con
     struct vu_hdr h = { req, VU_FLAG_VERSION | (need_reply ? VU_FLAG_NEED_REPLY : 0), size };
     struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)payload, size } };
     union {
-        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        char buf[CMSG_SPACE(sizeof(int) * VU_MAX_FDS)];
         struct cmsghdr align;
     } ctl;
     struct msghdr m = { .msg_iov = iov, .msg_iovlen = size ? 2 : 1 };
+    if (nfds > VU_MAX_FDS)
+        die(EXIT_SETUP, "request %u: %d fds, at most %d", req, nfds, VU_MAX_FDS);
     if (nfds > 0) {
         memset(&ctl, 0, sizeof(ctl));
         m.msg_control = ctl.buf;
