@@ -145,7 +145,9 @@ def unix_listening(path: Path) -> bool:
     """Whether some socket listens on `path`, read from /proc/net/unix.
 
     Connecting to test it would start a vhost-user session the back-end then has to tear
-    down; the file existing alone does not mean listen() has happened.
+    down; the file existing alone does not mean listen() has happened.  vhostd binds and
+    listens under a temporary name (`PATH.PID~`) and renames it to PATH: /proc/net/unix keeps
+    the name it was bound to, so that name listening and PATH existing count too.
     """
     target = str(path)
     with open("/proc/net/unix") as f:
@@ -153,7 +155,13 @@ def unix_listening(path: Path) -> bool:
         for line in f:
             parts = line.split()
             # Num RefCount Protocol Flags Type St Inode Path; 0x10000 is __SO_ACCEPTCON.
-            if len(parts) >= 8 and parts[7] == target and int(parts[3], 16) & 0x10000:
+            if len(parts) < 8 or not int(parts[3], 16) & 0x10000:
+                continue
+            bound = parts[7]
+            if bound == target:
+                return True
+            if (bound.startswith(target + ".") and bound.endswith("~")
+                    and bound[len(target) + 1:-1].isdigit() and path.is_socket()):
                 return True
     return False
 
