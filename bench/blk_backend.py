@@ -197,11 +197,39 @@ BACKENDS: dict[str, Callable[[Path, Path, int], list[str]]] = {
     # driven by blkfe --log (FRONTEND_OPTIONS); compared with their base names (log_vs_nolog).
     "vhostd-log": _vhostd(),
     "qsd-log": _qsd(""),
+    # Guest RAM in many regions (blkfe --regions): the same back-end processes, their memory
+    # table sent as one ADD_MEM_REG per region (CONFIGURE_MEM_SLOTS), every request's buffers
+    # round-robin over them.  X-regions (--regions N, default 64) against X-regions1 (the same
+    # layout in one region): regionsN_vs_1.  qsd (libvhost-user 7.2) has 32 slots only.
+    "vhostd-regions1": _vhostd(),
+    "vhostd-regions": _vhostd(),
+    "qsd-regions1": _qsd(""),
+    "qsd-regions": _qsd(""),
+    # Regions hot-added and removed while the I/O runs (blkfe --add-regions-every): latency
+    # of the requests in flight during an ADD_MEM_REG (add_p99_us ...), vhostd against qsd.
+    "vhostd-hotadd": _vhostd(),
+    "qsd-hotadd": _qsd(""),
 }
 DEFAULT_BACKENDS = ("vhostd", "qsd", "qsd-io_uring")
-# Back-end name -> extra blkfe options.
+# Back-end name -> extra blkfe options (regions and hot-add ones: frontend_options()).
 FRONTEND_OPTIONS: dict[str, list[str]] = {"vhostd-log": ["--log"], "qsd-log": ["--log"]}
 LOG_SUFFIX = "-log"
+REGIONS1_SUFFIX = "-regions1"
+REGIONS_SUFFIX = "-regions"
+HOTADD_SUFFIX = "-hotadd"
+
+
+def frontend_options(backend: str, args: argparse.Namespace) -> list[str]:
+    if backend.endswith(REGIONS1_SUFFIX):
+        return ["--regions", "1"]
+    if backend.endswith(REGIONS_SUFFIX):
+        return ["--regions", str(args.regions)]
+    if backend.endswith(HOTADD_SUFFIX):
+        return ["--regions", "1", "--add-regions-every", str(args.add_regions_every),
+                "--add-regions-max", str(args.add_regions_max),
+                "--add-region-mib", str(args.add_region_mib),
+                "--change-window-ms", str(args.change_window_ms)]
+    return FRONTEND_OPTIONS.get(backend, [])
 # `vhostd` run from another checkout (--baseline-tree, its native module built in place), e.g.
 # the commit before a change, to see that the change left the default path as fast as it was.
 BASELINE = "vhostd-baseline"
@@ -286,11 +314,12 @@ def run_once(exe: Path, backend: str, workload: Workload, image_kind: str, image
     where = placement(workload.queues)
     argv = _taskset(where.backend_cpus, backend_argv(backend, image, sock, workload.queues,
                                                      args.baseline_tree))
+    fe_options = frontend_options(backend, args)
     with Process(argv, workdir / f"{tag}.log", socket=sock) as proc:
         if image_kind == "disk" and not args.warm_cache:
             drop_page_cache(image)
         fe = Frontend(exe, sock, workload, args.seconds, where.frontend_cpus, args.seed + rnd,
-                      workdir / f"{tag}.blkfe.log", FRONTEND_OPTIONS.get(backend, ()))
+                      workdir / f"{tag}.blkfe.log", fe_options)
         try:
             fe.wait_ready()
             cpu0, fe0 = proc.cpu_seconds(), cpu_seconds(fe.proc.pid)
@@ -325,9 +354,27 @@ def run_once(exe: Path, backend: str, workload: Workload, image_kind: str, image
         # blkfe --log: pages the back-end logged, summed over its 100 ms syncs.
         "logged_pages": res.get("logged_pages"),
         "logged_pages_outside_ram": res.get("logged_pages_outside_ram"),
+        "max_us": res["max_us"],
+        # blkfe --regions / --add-regions-every.
+        "regions": res.get("regions"), "mem_setup": res.get("mem_setup"),
+        **{k: res.get(k) for k in HOTADD_KEYS},
+        # The stall an ADD_MEM_REG adds, against requests of the same run that overlapped no
+        # change: the back-ends' own latency (qsd's p99 is already ms at QD32) cancels out.
+        "add_p99_vs_quiet": (res["add_p99_us"] / res["quiet_p99_us"]
+                             if res.get("add_p99_us") and res.get("quiet_p99_us") else None),
         "backend_argv": argv,
-        "frontend_options": FRONTEND_OPTIONS.get(backend, []),
+        "frontend_options": fe_options,
     }
+
+
+# blkfe --add-regions-every: changes done, latency of the requests in flight during an
+# ADD_MEM_REG window (add_*), a REM_MEM_REG window (rem_*) or neither (quiet_*), and the
+# changes' own round trips (request sent to ack).
+HOTADD_KEYS = ("region_changes", "regions_added", "regions_removed",
+               "add_requests", "add_p50_us", "add_p99_us", "add_p999_us", "add_max_us",
+               "rem_requests", "rem_p50_us", "rem_p99_us", "rem_p999_us", "rem_max_us",
+               "quiet_requests", "quiet_p50_us", "quiet_p99_us", "quiet_p999_us", "quiet_max_us",
+               "add_ack_p50_us", "add_ack_max_us", "rem_ack_p50_us", "rem_ack_max_us")
 
 
 def _same_round_ratios(runs: list[Row], backend: str, key: str, anchor_name: str = ANCHOR) -> list[float]:
@@ -341,8 +388,35 @@ def _median(runs: list[Row], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _ratio(runs: list[Row], backend: str, key: str, anchor: str) -> float | None:
+    values = _same_round_ratios(runs, backend, key, anchor)
+    return statistics.median(values) if values else None
+
+
+def _regions_columns(group: list[Row], b: str, backends: list[str], regions: int) -> Row:
+    """X-regions against X-regions1 (IOPS and back-end CPU per request), same round."""
+    if not b.endswith(REGIONS_SUFFIX) or (one := b + "1") not in backends:
+        return {}
+    return {f"regions{regions}_vs_1": _ratio(group, b, "iops", one),
+            f"cpu_regions{regions}_vs_1": _ratio(group, b, "cpu_s_per_mreq", one)}
+
+
+def _hotadd_columns(group: list[Row], mine: list[Row], b: str, backends: list[str]) -> Row:
+    """Latency while regions are added: medians over rounds, and vhostd against qsd."""
+    if not b.endswith(HOTADD_SUFFIX):
+        return {}
+    cols: Row = {k: _median(mine, k) for k in (
+        "region_changes", "add_p50_us", "add_p99_us", "add_max_us", "rem_p99_us", "rem_max_us",
+        "quiet_p99_us", "add_p99_vs_quiet", "add_ack_p50_us", "add_ack_max_us")}
+    anchor = ANCHOR + HOTADD_SUFFIX
+    if b != anchor and anchor in backends:
+        cols |= {f"add_p99_vs_{ANCHOR}": _ratio(group, b, "add_p99_us", anchor),
+                 f"add_max_vs_{ANCHOR}": _ratio(group, b, "add_max_us", anchor)}
+    return cols
+
+
 def summarize(runs: list[Row], failures: list[Row], images: list[str], workloads: list[Workload],
-              backends: list[str]) -> list[Row]:
+              backends: list[str], regions: int = 64) -> list[Row]:
     """One row per image, workload and back-end: medians over rounds, same-round ratios."""
     rows: list[Row] = []
     for image in images:
@@ -388,6 +462,8 @@ def summarize(runs: list[Row], failures: list[Row], images: list[str], workloads
                     f"cpu_vs_{ANCHOR}": statistics.median(cpu_ratio) if cpu_ratio else None,
                     "fe_cpu_pct": _median(mine, "fe_cpu_pct"),
                     **log_cols,
+                    **_regions_columns(group, b, backends, regions),
+                    **_hotadd_columns(group, mine, b, backends),
                     **({"cached_pct_end": _median(mine, "cached_pct_end")} if image == "disk" else {}),
                     "per_run": mine,
                     **({"failures": failed} if failed else {}),
@@ -428,6 +504,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-cache", action="store_true",
                    help="do not drop the disk image's page cache before each run")
     p.add_argument("--seed", type=int, default=1, help="blkfe offsets (plus the round number)")
+    p.add_argument("--regions", type=int, default=64,
+                   help="guest RAM regions of the X-regions back-ends (blkfe --regions, "
+                        "default 64; qsd 7.2 has 32 slots)")
+    p.add_argument("--add-regions-every", type=int, default=100, metavar="MS",
+                   help="X-hotadd: a region added or removed every MS ms (default 100)")
+    p.add_argument("--add-regions-max", type=int, default=8,
+                   help="X-hotadd: regions added before they are removed again (default 8)")
+    p.add_argument("--add-region-mib", type=int, default=64,
+                   help="X-hotadd: size of an added region (default 64)")
+    p.add_argument("--change-window-ms", type=int, default=25,
+                   help="X-hotadd: a request counts as in flight during a change from the "
+                        "request to MS after its ack (default 25: vhostd defers a removal by "
+                        "20 ms)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="sockets and logs (default: a temporary directory, removed)")
 
@@ -479,7 +568,10 @@ def run(args: argparse.Namespace) -> list[Row]:
                         runs.append(r)
                         progress(f"  {r['iops']:.0f} IOPS, p99 {r['p99_us']:.0f} us, "
                                  f"back-end {r['cpu_pct']:.0f}% CPU, "
-                                 f"{r['cpu_s_per_mreq']:.2f} CPU s/Mreq")
+                                 f"{r['cpu_s_per_mreq']:.2f} CPU s/Mreq"
+                                 + (f"; {r['region_changes']} region changes, p99 during adds "
+                                    f"{r['add_p99_us']:.0f} us, max {r['add_max_us']:.0f} us"
+                                    if r.get("region_changes") is not None else ""))
             if kind == "disk":
                 frac = cached_fraction(image)
                 if frac is not None:
@@ -487,7 +579,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             shutil.rmtree(d, ignore_errors=True)
         if not runs:
             raise BenchError("every run failed:\n" + "\n".join(f["error"] for f in failures))
-        return summarize(runs, failures, images, workloads, backends)
+        return summarize(runs, failures, images, workloads, backends, args.regions)
     finally:
         for d in image_dirs:
             shutil.rmtree(d, ignore_errors=True)
