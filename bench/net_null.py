@@ -65,8 +65,16 @@ VHOSTD_VARIANTS = {
 DEFAULT_BACKENDS = ("vhostd", "vhostd-poll50", "vhostd-poll200", ANCHOR)
 # Back-end name -> extra tsofe options: vhostd's default workers driven by bench/tsofe.c
 # (which, unlike testpmd, can turn dirty-page logging on).  Not run by default.
-CFE_VARIANTS = {"vhostd-cfe": [], "vhostd-cfe-log": ["--log"]}
+# `-regions1` / `-regions`: tsofe --regions 1 / --regions N (--regions, default 64): the frame
+# buffers round-robin over N guest RAM regions sent with ADD_MEM_REG (regionsN_vs_1).
+CFE_VARIANTS = {"vhostd-cfe": [], "vhostd-cfe-log": ["--log"],
+                "vhostd-cfe-regions1": ["--regions", "1"], "vhostd-cfe-regions": ["--regions", "N"]}
 LOG_PAIR = ("vhostd-cfe-log", "vhostd-cfe")
+REGIONS_PAIR = ("vhostd-cfe-regions", "vhostd-cfe-regions1")
+
+
+def cfe_options(backend: str, args: argparse.Namespace) -> list[str]:
+    return [str(args.regions) if o == "N" else o for o in CFE_VARIANTS[backend]]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,10 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                    help=f"comma-separated, from {', '.join([*VHOSTD_VARIANTS, ANCHOR, *CFE_VARIANTS])} "
                         f"(default {','.join(DEFAULT_BACKENDS)}); ratios are against {ANCHOR}, "
-                        f"and {LOG_PAIR[0]} against {LOG_PAIR[1]} (log_vs_nolog)")
+                        f"{LOG_PAIR[0]} against {LOG_PAIR[1]} (log_vs_nolog), "
+                        f"{REGIONS_PAIR[0]} against {REGIONS_PAIR[1]} (regionsN_vs_1)")
     p.add_argument("--directions", default="tx,rx", help="tx (guest TX), rx (guest RX) or both")
     p.add_argument("--queue-size", type=int, default=1024,
                    help="virtio_user ring size (default 1024)")
+    p.add_argument("--regions", type=int, default=64,
+                   help=f"guest RAM regions of {REGIONS_PAIR[0]} (tsofe --regions, default 64)")
     net.add_vhostd_args(p)
     net.add_contention_args(p)
     p.add_argument("--workdir", type=Path, default=None,
@@ -225,7 +236,7 @@ def run_one_cfe(backend: str, direction: Direction, workdir: Path, args: argpars
     sock.unlink(missing_ok=True)
     be = start_vhostd(sock, control, workdir / f"{tag}.log", list(args.vhostd_args))
     options = [*(["--rx"] if direction.name == "rx" else ["--frame", str(PAYLOAD)]),
-               "--ring", str(args.queue_size), *CFE_VARIANTS[backend]]
+               "--ring", str(args.queue_size), *cfe_options(backend, args)]
     try:
         fe = TsoFrontend(tsofe, sock, args.warmup + args.seconds + 1, None,
                          workdir / f"tsofe-{tag}.log", options)
@@ -272,6 +283,7 @@ def run_one_cfe(backend: str, direction: Direction, workdir: Path, args: argpars
         "tsofe_cpu_s": fe_cpu,
         "logged_pages": res.get("logged_pages"),
         "log_syncs": res.get("log_syncs"),
+        "regions": res.get("regions"), "mem_setup": res.get("mem_setup"),
         # Over tsofe's whole run, summed over its 100 ms syncs.
         "logged_pages_per_s": (res["logged_pages"] / res["seconds"]
                                if res.get("logged_pages") is not None else None),
@@ -282,7 +294,7 @@ def run_one_cfe(backend: str, direction: Direction, workdir: Path, args: argpars
 
 
 def summarize(runs: list[Row], backends: list[str], directions: list[str],
-              max_wait: float) -> list[Row]:
+              max_wait: float, regions: int = 64) -> list[Row]:
     rows: list[Row] = []
     for d in directions:
         for b in backends:
@@ -302,6 +314,13 @@ def summarize(runs: list[Row], backends: list[str], directions: list[str],
                     "ns_log_vs_nolog": net.median_or_none(net.ratio_by_round(
                         runs, "cpu_ns_per_frame", b, LOG_PAIR[1], direction=d)) if on else None,
                     "logged_pages_per_s": med("logged_pages_per_s"),
+                }
+            if all(n in backends for n in REGIONS_PAIR) and b == REGIONS_PAIR[0]:
+                log_cols |= {
+                    f"regions{regions}_vs_1": net.median_or_none(net.ratio_by_round(
+                        runs, "mpps", b, REGIONS_PAIR[1], direction=d)),
+                    f"ns_regions{regions}_vs_1": net.median_or_none(net.ratio_by_round(
+                        runs, "cpu_ns_per_frame", b, REGIONS_PAIR[1], direction=d)),
                 }
             rows.append({
                 "direction": "guest TX" if d == "tx" else "guest RX",
@@ -351,7 +370,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                     progress(f"  {r['mpps']:.3f} Mpps, back-end CPU {r['cpu_pct']:.0f}%"
                              + (f", vhostd counted {r['vhostd_counted_mpps']:.3f}"
                                 if r["vhostd_counted_mpps"] is not None else ""))
-        return summarize(runs, backends, directions, args.max_wait_pct)
+        return summarize(runs, backends, directions, args.max_wait_pct, args.regions)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

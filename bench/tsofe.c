@@ -19,7 +19,9 @@
  * device-writable 2 KiB buffers and the TX ring stays empty; frames are what the device
  * filled.  --log turns on dirty-page logging as while QEMU migrates the guest (LOG_ALL,
  * LOG_SHMFD, SET_LOG_BASE, VHOST_VRING_F_LOG on both rings, a 100 ms sync thread; see
- * vu_client.h) and adds logged_pages to the JSON line.
+ * vu_client.h) and adds logged_pages to the JSON line.  --regions N spreads the frame
+ * buffers round-robin over N guest RAM regions (ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else
+ * SET_MEM_TABLE for N <= 8), so that each translation must find its region among N.
  *
  * Frames go to 02:00:00:00:00:02 (no host's MAC), so a tap's kernel side drops them at once
  * (PACKET_OTHERHOST) after counting them: what is measured is the way into the tap.
@@ -68,7 +70,10 @@ enum vu_request {
     VU_GET_PROTOCOL_FEATURES = 15,
     VU_SET_PROTOCOL_FEATURES = 16,
     VU_SET_VRING_ENABLE = 18,
+    VU_GET_MAX_MEM_SLOTS = 36,
+    VU_ADD_MEM_REG = 37,
 };
+#define PF_CONFIGURE_MEM_SLOTS 15
 
 
 #define F_NET_CSUM 0
@@ -132,8 +137,9 @@ static void vu_request(struct vu_conn *c, uint32_t req, const void *payload, uin
 }
 
 /* QEMU's order: features, protocol features, owner, then SET_FEATURES with what we use.
- * `log`: LOG_ALL and LOG_SHMFD too (exit 2 if the back-end does not offer them). */
-static void vu_negotiate(struct vu_conn *c, bool event_idx, bool log)
+ * `log`: LOG_ALL and LOG_SHMFD too (exit 2 if the back-end does not offer them).
+ * `mem_slots`: CONFIGURE_MEM_SLOTS when offered (--regions). */
+static void vu_negotiate(struct vu_conn *c, bool event_idx, bool log, bool mem_slots)
 {
     uint64_t offered = vu_get_u64(c, VU_GET_FEATURES);
     uint64_t need = BIT(F_VERSION_1) | BIT(F_NET_CSUM) | BIT(F_NET_HOST_TSO4) | (log ? BIT(F_LOG_ALL) : 0);
@@ -145,7 +151,8 @@ static void vu_negotiate(struct vu_conn *c, bool event_idx, bool log)
         if (log && !(pf & BIT(PF_LOG_SHMFD)))
             die(EXIT_SETUP, "--log: back-end does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD "
                 "(protocol features %#" PRIx64 ")", pf);
-        c->protocol = pf & (BIT(PF_REPLY_ACK) | (log ? BIT(PF_LOG_SHMFD) : 0));
+        c->protocol = pf & (BIT(PF_REPLY_ACK) | (log ? BIT(PF_LOG_SHMFD) : 0) |
+                            (mem_slots ? BIT(PF_CONFIGURE_MEM_SLOTS) : 0));
         vu_request(c, VU_SET_PROTOCOL_FEATURES, &c->protocol, sizeof(c->protocol), -1, false);
     } else if (log) {
         die(EXIT_SETUP, "--log: back-end offers no protocol features (LOG_SHMFD needs them)");
@@ -190,6 +197,29 @@ static void *ram_alloc(struct ram *r, uint64_t size)
 static uint64_t ram_gpa(const struct ram *r, const void *p)
 {
     return GPA_BASE + (uint64_t)((const uint8_t *)p - r->base);
+}
+
+/* --regions N: the frame buffers round-robin over N regions (buffer b in region b % N).
+ * Region 0 is the RAM above (rings first); regions 1..N-1 are memfds of their own, each at
+ * a guest-physical address 2 MiB past the previous region's end. */
+#define REGION_GAP (2ull << 20)
+#define MAX_REGIONS 509
+
+struct region {
+    int fd;
+    uint8_t *base;
+    uint64_t gpa, size;
+};
+
+static void region_create(struct region *g, uint64_t gpa, uint64_t size)
+{
+    *g = (struct region){ .gpa = gpa, .size = align_up(size, 4096) };
+    g->fd = memfd_create("tsofe-guest-ram", MFD_CLOEXEC);
+    if (g->fd < 0 || ftruncate(g->fd, (off_t)g->size) < 0)
+        die(EXIT_SETUP, "memfd of %" PRIu64 " bytes: %s", g->size, strerror(errno));
+    g->base = mmap(NULL, g->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, g->fd, 0);
+    if (g->base == MAP_FAILED)
+        die(EXIT_SETUP, "mmap guest RAM: %s", strerror(errno));
 }
 
 static uint64_t ring_bytes(uint32_t num)
@@ -407,6 +437,7 @@ struct options {
     double seconds;
     uint32_t mss, segments, ring, buffers;
     uint32_t frame;                 /* --frame: plain frames of this size; 0: GSO frames */
+    uint32_t regions;               /* --regions: 0 = one region, as before */
     int cpu;
     bool sync, event_idx, rx, log;
 };
@@ -424,7 +455,10 @@ static void usage(FILE *f)
           "  --sync           READY, wait for a stdin line, run; after the JSON line wait for EOF\n"
           "  --frame N        send plain N-byte frames (no GSO, no checksum offload)\n"
           "  --rx             receive instead: keep the RX ring full of 2 KiB buffers\n"
-          "  --log            dirty-page logging on, as during a migration (logged_pages)\n", f);
+          "  --log            dirty-page logging on, as during a migration (logged_pages)\n"
+          "  --regions N      guest RAM as N regions (1..509), frame buffer b in region b %% N;\n"
+          "                   ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS, else\n"
+          "                   SET_MEM_TABLE (N <= 8)\n", f);
 }
 
 static uint64_t parse_u64(const char *name, const char *s, uint64_t min, uint64_t max)
@@ -446,7 +480,7 @@ static void parse_options(struct options *o, int argc, char **argv)
         { "cpu", required_argument, NULL, 'c' },     { "sync", no_argument, NULL, 'Y' },
         { "no-event-idx", no_argument, NULL, 'E' },  { "help", no_argument, NULL, 'h' },
         { "frame", required_argument, NULL, 'f' },   { "rx", no_argument, NULL, 'R' },
-        { "log", no_argument, NULL, 'L' },
+        { "log", no_argument, NULL, 'L' },           { "regions", required_argument, NULL, 'G' },
         { NULL, 0, NULL, 0 },
     };
     *o = (struct options){ .seconds = 5, .mss = 1448, .segments = 45, .ring = 256, .cpu = -1,
@@ -472,6 +506,7 @@ static void parse_options(struct options *o, int argc, char **argv)
         case 'f': o->frame = (uint32_t)parse_u64("frame", optarg, ETH_LEN, 1514); break;
         case 'R': o->rx = true; break;
         case 'L': o->log = true; break;
+        case 'G': o->regions = (uint32_t)parse_u64("regions", optarg, 1, MAX_REGIONS); break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(EXIT_SETUP);
         }
@@ -496,45 +531,110 @@ struct run {
     struct ring rx, tx;
     uint32_t payload, frame_len;
     struct vu_log log;              /* --log */
+    uint32_t nregions;              /* region 0 is `ram` */
+    struct region *reg;
+    uint64_t gpa_end, max_mem_slots;
+    const char *mem_setup;
 };
+
+/* The memory table: one ADD_MEM_REG per region (CONFIGURE_MEM_SLOTS, as QEMU then sends it)
+ * or one SET_MEM_TABLE (at most 8 regions). */
+struct vu_region_desc {
+    uint64_t gpa, size, uva, mmap_offset;
+};
+
+static void send_memory(struct run *r)
+{
+    struct vu_conn *c = &r->conn;
+    struct vu_region_desc d[MAX_REGIONS];
+    int fds[MAX_REGIONS];
+    for (uint32_t k = 0; k < r->nregions; k++) {
+        d[k] = (struct vu_region_desc){ r->reg[k].gpa, r->reg[k].size, (uint64_t)(uintptr_t)r->reg[k].base, 0 };
+        fds[k] = r->reg[k].fd;
+    }
+    if (c->protocol & BIT(PF_CONFIGURE_MEM_SLOTS)) {
+        for (uint32_t k = 0; k < r->nregions; k++) {
+            struct { uint64_t padding; struct vu_region_desc region; } m = { 0, d[k] };
+            vu_request(c, VU_ADD_MEM_REG, &m, sizeof(m), fds[k], true);
+        }
+        r->mem_setup = "add_mem_reg";
+        return;
+    }
+    if (r->nregions > VU_MAX_FDS)
+        die(EXIT_SETUP, "--regions %u: the back-end does not offer VHOST_USER_PROTOCOL_F_"
+            "CONFIGURE_MEM_SLOTS, and SET_MEM_TABLE carries at most %d regions", r->nregions, VU_MAX_FDS);
+    struct { uint32_t nregions, padding; struct vu_region_desc region[VU_MAX_FDS]; } m = { r->nregions, 0, { { 0, 0, 0, 0 } } };
+    memcpy(m.region, d, sizeof(d[0]) * r->nregions);
+    bool ack = c->protocol & BIT(PF_REPLY_ACK);
+    vu_send(c, VU_SET_MEM_TABLE, ack, &m, (uint32_t)(8 + sizeof(d[0]) * r->nregions), fds, (int)r->nregions);
+    if (ack && vu_recv_u64(c, VU_SET_MEM_TABLE) != 0)
+        die(EXIT_BACKEND, "back-end refused SET_MEM_TABLE");
+    r->mem_setup = "set_mem_table";
+}
 
 /* Every TX descriptor points at one of the frame buffers; all are posted at once. */
 static void setup(struct run *r)
 {
     const struct options *o = &r->opt;
     vu_connect(&r->conn, o->socket);
-    vu_negotiate(&r->conn, o->event_idx, o->log);
+    vu_negotiate(&r->conn, o->event_idx, o->log, o->regions > 0);
     bool event_idx = r->conn.features & BIT(F_RING_EVENT_IDX);
     r->payload = o->rx ? 0 : o->frame ? o->frame : o->mss * o->segments;
     uint64_t buf_size = o->rx ? RX_BUF
                               : align_up(sizeof(struct virtio_net_hdr_v1) + HDRS_LEN + r->payload, o->frame ? 64 : 4096);
-    ram_create(&r->ram, 2 * ring_bytes(o->ring) + (uint64_t)o->buffers * buf_size + 4096);
+    uint32_t N = o->regions ? o->regions : 1;
+    if (r->conn.protocol & BIT(PF_CONFIGURE_MEM_SLOTS)) {
+        r->max_mem_slots = vu_get_u64(&r->conn, VU_GET_MAX_MEM_SLOTS);
+        if (N > r->max_mem_slots)
+            die(EXIT_SETUP, "--regions %u: the back-end has %" PRIu64 " memory slots", N, r->max_mem_slots);
+    }
+    /* Buffer b in region b % N: region k holds ceil((buffers - k) / N) of them. */
+    uint64_t per0 = (o->buffers + N - 1) / N;
+    ram_create(&r->ram, 2 * ring_bytes(o->ring) + per0 * buf_size + 4096);
     ring_layout(&r->rx, &r->ram, RX_RING, o->ring, event_idx);
     ring_layout(&r->tx, &r->ram, TX_RING, o->ring, event_idx);
-    uint8_t *bufs = ram_alloc(&r->ram, (uint64_t)o->buffers * buf_size);
+    r->nregions = N;
+    r->reg = calloc(N, sizeof(*r->reg));
+    uint8_t **bufp = calloc(o->buffers, sizeof(*bufp));
+    uint64_t *bufg = calloc(o->buffers, sizeof(*bufg));
+    if (!r->reg || !bufp || !bufg)
+        die(EXIT_SETUP, "out of memory");
+    r->reg[0] = (struct region){ r->ram.fd, r->ram.base, GPA_BASE, r->ram.size };
+    uint8_t *bufs0 = ram_alloc(&r->ram, per0 * buf_size);
+    for (uint32_t k = 1; k < N; k++) {
+        uint64_t count = (o->buffers - k + N - 1) / N;
+        const struct region *prev = &r->reg[k - 1];
+        region_create(&r->reg[k], align_up(prev->gpa + prev->size + REGION_GAP, 2u << 20),
+                      count ? count * buf_size : 4096);
+    }
+    for (uint32_t b = 0; b < o->buffers; b++) {
+        uint32_t k = b % N;
+        uint8_t *p = k == 0 ? bufs0 + (uint64_t)(b / N) * buf_size : r->reg[k].base + (uint64_t)(b / N) * buf_size;
+        bufp[b] = p;
+        bufg[b] = k == 0 ? ram_gpa(&r->ram, p) : r->reg[k].gpa + (uint64_t)(b / N) * buf_size;
+    }
+    r->gpa_end = r->reg[N - 1].gpa + r->reg[N - 1].size;
     if (o->rx) {
         /* Device-writable buffers, one per descriptor (the RX ring); the TX ring stays empty. */
         for (uint32_t i = 0; i < o->ring; i++) {
-            r->rx.desc[i] = (struct vring_desc){ ram_gpa(&r->ram, bufs + (i % o->buffers) * buf_size),
-                                                 RX_BUF, VRING_DESC_F_WRITE, 0 };
+            r->rx.desc[i] = (struct vring_desc){ bufg[i % o->buffers], RX_BUF, VRING_DESC_F_WRITE, 0 };
             ring_add(&r->rx, (uint16_t)i);
         }
     } else {
         for (uint32_t b = 0; b < o->buffers; b++)
-            r->frame_len = o->frame ? build_plain_frame(bufs + b * buf_size, o->frame)
-                                    : build_frame(bufs + b * buf_size, r->payload, (uint16_t)o->mss,
-                                                  b * r->payload);
+            r->frame_len = o->frame ? build_plain_frame(bufp[b], o->frame)
+                                    : build_frame(bufp[b], r->payload, (uint16_t)o->mss, b * r->payload);
         for (uint32_t i = 0; i < o->ring; i++) {
-            r->tx.desc[i] = (struct vring_desc){ ram_gpa(&r->ram, bufs + (i % o->buffers) * buf_size),
-                                                 r->frame_len, 0, 0 };
+            r->tx.desc[i] = (struct vring_desc){ bufg[i % o->buffers], r->frame_len, 0, 0 };
             ring_add(&r->tx, (uint16_t)i);
         }
     }
-    struct vu_mem m = { .nregions = 1, .region = { { .gpa = GPA_BASE, .size = r->ram.size,
-                                                     .uva = (uint64_t)(uintptr_t)r->ram.base } } };
-    vu_request(&r->conn, VU_SET_MEM_TABLE, &m, sizeof(m), r->ram.fd, true);
+    free(bufp);
+    free(bufg);
+    send_memory(r);
     if (o->log) {
-        vu_log_create(&r->log, GPA_BASE, r->ram.size);
+        /* Over every region and the holes between them. */
+        vu_log_create(&r->log, GPA_BASE, r->gpa_end - GPA_BASE);
         vu_log_set_base(&r->conn, &r->log);
     }
     vu_start_ring(&r->conn, &r->rx, o->log ? ram_gpa(&r->ram, r->rx.used) : 0);
@@ -614,6 +714,9 @@ int main(int argc, char **argv)
            (double)q->kicks / n, (double)q->wakeups / n);
     if (r.opt.log)
         vu_log_print_json(&r.log);
+    if (r.opt.regions)
+        printf(", \"regions\": %u, \"mem_setup\": \"%s\", \"max_mem_slots\": %" PRIu64,
+               r.nregions, r.mem_setup, r.max_mem_slots);
     printf("}\n");
     fflush(stdout);
     if (r.opt.sync)
