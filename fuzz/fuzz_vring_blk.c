@@ -43,6 +43,16 @@ static uint8_t disk_pattern[DISK_BYTES];
 static vhd_blk *uring_blk[2];          /* read-write, read-only */
 static vhd_blk_queue *uring_q[2];
 
+/* DISCARD / WRITE_ZEROES as vhostd offers them: a memfd has holes but no
+ * ZERO_RANGE, a file in $TMPDIR (ext4, tmpfs) one or the other. */
+static void trim_on(vhd_blk *blk, int zeroes)
+{
+    struct vhd_blk_trim t = { .discard = VHD_BLK_DISCARD_UNMAP, .zeroes = zeroes, .may_unmap = 1,
+                              .max_discard_sectors = 16, .max_discard_seg = 4,
+                              .max_zeroes_sectors = 16, .max_zeroes_seg = 4 };
+    vhd_blk_set_trim(blk, &t);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
@@ -62,6 +72,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
               "harness: disk: %s", strerror(errno));
     for (int ro = 0; ro < 2; ro++) {
         uring_blk[ro] = vhd_blk_new(disk_fd[1], -1, DISK_SECTORS, ro, "FUZZ-URING", 10);
+        trim_on(uring_blk[ro], VHD_BLK_ZEROES_PUNCH);
         int err = 0;
         uring_q[ro] = vhd_blk_queue_new(uring_blk[ro], 8, &err);
         if (!uring_q[ro])
@@ -159,6 +170,7 @@ static struct outcome run(const struct blk_input *bi, int uring, int disk, const
     if (!uring) {
         vhd_blk *blk = vhd_blk_new(disk, -1, DISK_SECTORS, bi->readonly, serial, serial_len);
         CHECK(blk, "vhd_blk_new failed");
+        trim_on(blk, VHD_BLK_ZEROES_PUNCH);
         int n = vhd_process_ring(vr, VHD_DEV_BLK, blk);
         CHECK(n >= 0 && (uint64_t)n == t->pops, "vhd_process_ring returned %d, %llu chains were popped", n,
               (unsigned long long)t->pops);

@@ -5,6 +5,9 @@
  * split over several buffers; the data go straight between guest memory
  * and the file with preadv/pwritev (no copy in user space). */
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -15,12 +18,22 @@
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
 #define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
+#define VIRTIO_BLK_T_WRITE_ZEROES 13
+#define VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP 1u
 #define SECTOR_SIZE 512u
 
 struct virtio_blk_outhdr {
     uint32_t type;
     uint32_t ioprio;
     uint64_t sector;
+};
+
+/* DISCARD / WRITE_ZEROES payload: an array of these (virtio 1.2 5.2.6). */
+struct virtio_blk_discard_write_zeroes {
+    uint64_t sector;
+    uint32_t num_sectors;
+    uint32_t flags;
 };
 
 vhd_blk *vhd_blk_new(int fd, int buffered_fd, uint64_t capacity_sectors, int readonly,
@@ -42,13 +55,38 @@ void vhd_blk_free(vhd_blk *blk)
     free(blk);
 }
 
+void vhd_blk_set_trim(vhd_blk *blk, const struct vhd_blk_trim *trim)
+{
+    blk->trim = *trim;
+    if (blk->trim.max_discard_seg > VHD_BLK_MAX_SEG)
+        blk->trim.max_discard_seg = VHD_BLK_MAX_SEG;
+    if (blk->trim.max_zeroes_seg > VHD_BLK_MAX_SEG)
+        blk->trim.max_zeroes_seg = VHD_BLK_MAX_SEG;
+}
+
+void vhd_blk_set_capacity(vhd_blk *blk, uint64_t capacity_sectors)
+{
+    __atomic_store_n(&blk->capacity, capacity_sectors, __ATOMIC_RELEASE);
+}
+
+uint64_t vhd_blk_capacity(const vhd_blk *blk)
+{
+    return __atomic_load_n(&blk->capacity, __ATOMIC_ACQUIRE);
+}
+
+void vhd_blk_set_writethrough(vhd_blk *blk, int writethrough)
+{
+    __atomic_store_n(&blk->writethrough, writethrough != 0, __ATOMIC_RELEASE);
+}
+
 /* preadv/pwritev until the whole request moved, from where it stands. */
 static int rw_full(int fd, vhd_vring *vr, struct vhd_blk_req *r)
 {
     bool write = r->op == VHD_BLK_OP_WRITE;
     while (r->moved < r->len) {
         off_t off = (off_t)(r->offset + r->moved);
-        ssize_t n = write ? pwritev(fd, r->iov, r->niov, off) : preadv(fd, r->iov, r->niov, off);
+        ssize_t n = write ? pwritev2(fd, r->iov, r->niov, off, r->rw_flags)
+                          : preadv(fd, r->iov, r->niov, off);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
@@ -75,8 +113,78 @@ static bool in_range(const vhd_blk *blk, uint64_t sector, uint64_t bytes)
 {
     if (bytes % SECTOR_SIZE != 0)
         return false;
-    uint64_t sectors = bytes / SECTOR_SIZE;
-    return sector <= blk->capacity && sectors <= blk->capacity - sector;
+    uint64_t sectors = bytes / SECTOR_SIZE, capacity = vhd_blk_capacity(blk);
+    return sector <= capacity && sectors <= capacity - sector;
+}
+
+/* DISCARD / WRITE_ZEROES: the segments are copied out of guest memory once
+ * and checked here (virtio 1.2 5.2.6.2): more segments than offered, a
+ * segment over its sector limit, reserved flag bits, or unmap on DISCARD
+ * are UNSUPP; a segment past the end, or a read-only disk, is IOERR. */
+static void parse_fallocate(const vhd_blk *blk, bool zeroes, const struct vhd_chain *c, size_t out_data,
+                            struct vhd_blk_req *r)
+{
+    const struct vhd_blk_trim *t = &blk->trim;
+    int mode = zeroes ? t->zeroes : t->discard;
+    uint32_t max_seg = zeroes ? t->max_zeroes_seg : t->max_discard_seg;
+    uint32_t max_sectors = zeroes ? t->max_zeroes_sectors : t->max_discard_sectors;
+    r->result = VIRTIO_BLK_S_UNSUPP;
+    if (mode == VHD_BLK_DISCARD_OFF)
+        return;
+    if (out_data == 0 || out_data % sizeof(struct virtio_blk_discard_write_zeroes) != 0 ||
+        out_data / sizeof(struct virtio_blk_discard_write_zeroes) > max_seg)
+        return;
+    uint32_t n = (uint32_t)(out_data / sizeof(struct virtio_blk_discard_write_zeroes));
+    struct virtio_blk_discard_write_zeroes segs[VHD_BLK_MAX_SEG];
+    vhd_iov_copy_from(c->iov, c->n_out, sizeof(struct virtio_blk_outhdr), segs, out_data);
+    for (uint32_t i = 0; i < n; i++) {
+        const struct virtio_blk_discard_write_zeroes *d = &segs[i];
+        bool unmap = d->flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+        if ((d->flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) || (unmap && !zeroes) || d->num_sectors > max_sectors)
+            return;
+    }
+    r->result = VIRTIO_BLK_S_IOERR;
+    if (blk->readonly)
+        return;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct virtio_blk_discard_write_zeroes *d = &segs[i];
+        if (d->sector > UINT64_MAX / SECTOR_SIZE ||
+            !in_range(blk, d->sector, (uint64_t)d->num_sectors * SECTOR_SIZE))
+            return;
+    }
+    r->nseg = 0;
+    if (!zeroes && mode == VHD_BLK_DISCARD_IGNORE) {
+        r->result = VIRTIO_BLK_S_OK;      /* acknowledged, nothing done */
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        const struct virtio_blk_discard_write_zeroes *d = &segs[i];
+        if (d->num_sectors == 0)
+            continue;
+        bool punch = !zeroes || mode == VHD_BLK_ZEROES_PUNCH ||
+                     (t->may_unmap && (d->flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP));
+        r->seg[r->nseg++] = (struct vhd_blk_seg){
+            .offset = d->sector * SECTOR_SIZE,
+            .len = (uint64_t)d->num_sectors * SECTOR_SIZE,
+            .mode = punch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+        };
+    }
+    if (r->nseg == 0) {
+        r->result = VIRTIO_BLK_S_OK;      /* only empty segments */
+        return;
+    }
+    r->op = VHD_BLK_OP_FALLOCATE;
+    r->len = 0;
+    r->seg_done = 0;
+}
+
+/* A DISCARD the file system cannot do is still a success: discard is a hint
+ * (virtio 1.2 5.2.6.2); WRITE_ZEROES must zero. */
+int vhd_blk_fallocate_result(const struct vhd_blk_seg *seg, int res)
+{
+    if (res == -EOPNOTSUPP && seg->mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE))
+        return 0;
+    return res;
 }
 
 /* Finishes a request: status byte, counters, used element. */
@@ -110,7 +218,7 @@ void vhd_blk_complete(vhd_vring *vr, struct vhd_blk_req *r, uint8_t status)
  * iovecs are reused in place for the data, so it must outlive r. */
 void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *r)
 {
-    memset(r, 0, sizeof(*r));
+    memset(r, 0, offsetof(struct vhd_blk_req, seg));   /* the segments only if needed */
     r->head = c->head;
     r->op = VHD_BLK_OP_DONE;
     r->result = VIRTIO_BLK_S_IOERR;
@@ -140,6 +248,8 @@ void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *
         r->op = write ? VHD_BLK_OP_WRITE : VHD_BLK_OP_READ;
         r->offset = h.sector * SECTOR_SIZE;
         r->len = len;
+        if (write && __atomic_load_n(&blk->writethrough, __ATOMIC_RELAXED))
+            r->rw_flags = RWF_DSYNC;
         r->done_len = write ? 0 : (uint32_t)len;
         if (write) {
             r->iov = c->iov;
@@ -152,6 +262,10 @@ void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *
     }
     case VIRTIO_BLK_T_FLUSH:
         r->op = VHD_BLK_OP_FLUSH;
+        return;
+    case VIRTIO_BLK_T_DISCARD:
+    case VIRTIO_BLK_T_WRITE_ZEROES:
+        parse_fallocate(blk, h.type == VIRTIO_BLK_T_WRITE_ZEROES, c, c->out_len - sizeof(h), r);
         return;
     case VIRTIO_BLK_T_GET_ID:
         r->iov = in;
@@ -181,6 +295,14 @@ uint8_t vhd_blk_execute_sync(const vhd_blk *blk, vhd_vring *vr, struct vhd_blk_r
     }
     case VHD_BLK_OP_FLUSH:
         return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+    case VHD_BLK_OP_FALLOCATE:
+        for (uint32_t i = 0; i < r->nseg; i++) {
+            const struct vhd_blk_seg *sg = &r->seg[i];
+            int res = fallocate(blk->buffered_fd, sg->mode, (off_t)sg->offset, (off_t)sg->len) < 0 ? -errno : 0;
+            if (vhd_blk_fallocate_result(sg, res) < 0)
+                return VIRTIO_BLK_S_IOERR;
+        }
+        return VIRTIO_BLK_S_OK;
     default:
         return r->result;
     }

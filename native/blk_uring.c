@@ -110,7 +110,13 @@ static void prep(vhd_blk_queue *q, uint32_t n)
         break;
     case VHD_BLK_OP_WRITE:
         io_uring_prep_writev(sqe, q->blk->fd, s->req.iov, (unsigned)s->req.niov, s->req.offset + s->req.moved);
+        sqe->rw_flags = s->req.rw_flags;
         break;
+    case VHD_BLK_OP_FALLOCATE: {
+        const struct vhd_blk_seg *sg = &s->req.seg[s->req.seg_done];
+        io_uring_prep_fallocate(sqe, q->blk->buffered_fd, sg->mode, sg->offset, sg->len);
+        break;
+    }
     default:
         io_uring_prep_fsync(sqe, q->blk->fd, IORING_FSYNC_DATASYNC);
         break;
@@ -131,6 +137,12 @@ static bool finish(vhd_blk_queue *q, vhd_vring *vr, uint32_t n, int res)
     uint8_t status = VIRTIO_BLK_S_OK;
     if (r->op == VHD_BLK_OP_FLUSH) {
         status = res < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
+    } else if (r->op == VHD_BLK_OP_FALLOCATE) {
+        /* Segments go one after the other: one SQE per slot, always. */
+        if (vhd_blk_fallocate_result(&r->seg[r->seg_done], res) < 0)
+            status = VIRTIO_BLK_S_IOERR;
+        else if (++r->seg_done < r->nseg)
+            return true;
     } else if (res == -EINVAL && q->blk->fd != q->blk->buffered_fd && r->moved == 0) {
         status = vhd_blk_execute_sync(q->blk, vr, r);   /* O_DIRECT refused these buffers */
     } else if (res <= 0) {
@@ -172,11 +184,11 @@ static bool try_inline(vhd_blk_queue *q, vhd_vring *vr, uint32_t n)
 {
     struct slot *s = &q->slots[n];
     struct vhd_blk_req *r = &s->req;
-    if (q->blk->fd != q->blk->buffered_fd || r->op == VHD_BLK_OP_FLUSH)
+    if (q->blk->fd != q->blk->buffered_fd || r->op == VHD_BLK_OP_FLUSH || r->op == VHD_BLK_OP_FALLOCATE)
         return false;
     ssize_t res = r->op == VHD_BLK_OP_READ
         ? preadv2(q->blk->fd, r->iov, r->niov, (off_t)r->offset, RWF_NOWAIT)
-        : pwritev2(q->blk->fd, r->iov, r->niov, (off_t)r->offset, RWF_NOWAIT);
+        : pwritev2(q->blk->fd, r->iov, r->niov, (off_t)r->offset, RWF_NOWAIT | r->rw_flags);
     if (res <= 0)
         return false;
     if ((size_t)res < r->len) {
@@ -208,7 +220,7 @@ static int submit(vhd_blk_queue *q, vhd_vring *vr)
             release(q, n);
             continue;
         }
-        if (s->req.len == 0 && s->req.op != VHD_BLK_OP_FLUSH) {
+        if (s->req.len == 0 && s->req.op != VHD_BLK_OP_FLUSH && s->req.op != VHD_BLK_OP_FALLOCATE) {
             vhd_blk_complete(vr, &s->req, VIRTIO_BLK_S_OK);   /* nothing to move */
             release(q, n);
             continue;

@@ -16,6 +16,23 @@ size_t vhd_iov_to_buf(const struct iovec *iov, int n, void *dst, size_t len)
     return done;
 }
 
+size_t vhd_iov_copy_from(const struct iovec *iov, int n, size_t skip, void *dst, size_t len)
+{
+    size_t done = 0;
+    for (int i = 0; i < n && done < len; i++) {
+        size_t have = iov[i].iov_len;
+        if (skip >= have) {
+            skip -= have;
+            continue;
+        }
+        size_t k = have - skip < len - done ? have - skip : len - done;
+        memcpy((uint8_t *)dst + done, (const uint8_t *)iov[i].iov_base + skip, k);
+        done += k;
+        skip = 0;
+    }
+    return done;
+}
+
 size_t vhd_buf_to_iov(const struct iovec *iov, int n, const void *src, size_t len)
 {
     size_t done = 0;

@@ -164,12 +164,24 @@ bool vhd_vring_over_budget(vhd_vring *vr, int done);
 struct vhd_blk {
     int fd;                   /* may be O_DIRECT */
     int buffered_fd;          /* same file without O_DIRECT (== fd if not direct) */
-    uint64_t capacity;        /* in 512-byte sectors */
+    uint64_t capacity;        /* in 512-byte sectors; atomic: changed by an online resize */
     bool readonly;
+    bool writethrough;        /* atomic: the guest toggles it (CONFIG_WCE) */
+    struct vhd_blk_trim trim; /* set before any worker runs */
     char serial[VIRTIO_BLK_ID_BYTES];
 };
 
-enum { VHD_BLK_OP_DONE, VHD_BLK_OP_READ, VHD_BLK_OP_WRITE, VHD_BLK_OP_FLUSH };
+enum {
+    VHD_BLK_OP_DONE, VHD_BLK_OP_READ, VHD_BLK_OP_WRITE, VHD_BLK_OP_FLUSH,
+    VHD_BLK_OP_FALLOCATE,     /* DISCARD / WRITE_ZEROES: one fallocate per segment */
+};
+
+/* One DISCARD / WRITE_ZEROES segment, validated, in bytes. */
+struct vhd_blk_seg {
+    uint64_t offset;
+    uint64_t len;
+    int mode;                 /* fallocate mode */
+};
 
 struct vhd_blk_req {
     uint16_t head;
@@ -182,16 +194,23 @@ struct vhd_blk_req {
     size_t moved;             /* data bytes transferred so far (short transfers) */
     struct iovec *iov;        /* data segments not yet transferred (inside the chain) */
     int niov;
+    int rw_flags;             /* RWF_DSYNC for a write in write-through mode */
+    uint32_t nseg;            /* VHD_BLK_OP_FALLOCATE: copied from the guest once */
+    uint32_t seg_done;        /* ... and done one after the other */
+    struct vhd_blk_seg seg[VHD_BLK_MAX_SEG];
 };
 
 void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *r);
 uint8_t vhd_blk_execute_sync(const vhd_blk *blk, vhd_vring *vr, struct vhd_blk_req *r);
+int vhd_blk_fallocate_result(const struct vhd_blk_seg *seg, int res);
 void vhd_blk_advance(vhd_vring *vr, struct vhd_blk_req *r, size_t bytes);
 void vhd_blk_complete(vhd_vring *vr, struct vhd_blk_req *r, uint8_t status);
 
 /* iov.c */
 size_t vhd_iov_to_buf(const struct iovec *iov, int n, void *dst, size_t len);
 size_t vhd_buf_to_iov(const struct iovec *iov, int n, const void *src, size_t len);
+/* Copies up to len bytes of iov, from byte skip on, into dst; returns bytes copied. */
+size_t vhd_iov_copy_from(const struct iovec *iov, int n, size_t skip, void *dst, size_t len);
 int vhd_iov_skip(struct iovec *iov, int n, size_t skip);
 
 #endif

@@ -174,6 +174,32 @@ typedef struct vhd_blk vhd_blk;
 vhd_blk *vhd_blk_new(int fd, int buffered_fd, uint64_t capacity_sectors, int readonly,
                      const char *serial, uint32_t serial_len);
 void vhd_blk_free(vhd_blk *blk);
+
+/* DISCARD and WRITE_ZEROES (virtio 1.2 5.2.6.2): how they reach the file. */
+#define VHD_BLK_DISCARD_OFF 0        /* not offered: the request is UNSUPP */
+#define VHD_BLK_DISCARD_IGNORE 1     /* acknowledged, nothing done (QEMU's discard=ignore) */
+#define VHD_BLK_DISCARD_UNMAP 2      /* fallocate(PUNCH_HOLE | KEEP_SIZE) */
+#define VHD_BLK_ZEROES_OFF 0
+#define VHD_BLK_ZEROES_RANGE 1       /* fallocate(ZERO_RANGE | KEEP_SIZE) */
+#define VHD_BLK_ZEROES_PUNCH 2       /* fallocate(PUNCH_HOLE | KEEP_SIZE): reads back zeros */
+#define VHD_BLK_MAX_SEG 32           /* segments of one request the device takes */
+
+struct vhd_blk_trim {
+    int discard;                     /* VHD_BLK_DISCARD_* */
+    int zeroes;                      /* VHD_BLK_ZEROES_*: how WRITE_ZEROES zeroes */
+    int may_unmap;                   /* WRITE_ZEROES with the unmap flag may punch a hole */
+    uint32_t max_discard_sectors;    /* per segment */
+    uint32_t max_discard_seg;        /* <= VHD_BLK_MAX_SEG */
+    uint32_t max_zeroes_sectors;
+    uint32_t max_zeroes_seg;
+};
+void vhd_blk_set_trim(vhd_blk *blk, const struct vhd_blk_trim *trim);
+/* Online resize: requests past the new end fail from now on, none before it. */
+void vhd_blk_set_capacity(vhd_blk *blk, uint64_t capacity_sectors);
+uint64_t vhd_blk_capacity(const vhd_blk *blk);
+/* CONFIG_WCE: 1 = write-through (a write completes once it is durable:
+ * RWF_DSYNC), 0 = write-back (the guest flushes). */
+void vhd_blk_set_writethrough(vhd_blk *blk, int writethrough);
 /* Handles one popped chain; pushes its used element.  Returns the status. */
 int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *chain);
 

@@ -42,6 +42,8 @@ OK_BLK = {"type": "blk", "socket": "/run/x.sock", "file": "/x.img"}
     ({"devices": {"disk0": {"type": "blk", "socket": "/s"}}}, "devices.disk0: missing key 'file'"),
     ({"devices": {"disk0": {**OK_BLK, "aio": "posix"}}}, "devices.disk0.aio: 'posix' is not one of io_uring, sync"),
     ({"devices": {"disk0": {**OK_BLK, "serial": "x" * 21}}}, "devices.disk0.serial: longer than 20 bytes"),
+    ({"devices": {"disk0": {**OK_BLK, "discard": "drop"}}}, "devices.disk0.discard: 'drop' is not one of unmap, ignore"),
+    ({"devices": {"disk0": {**OK_BLK, "write_cache": "yes"}}}, "devices.disk0.write_cache:"),
     ({"devices": {"disk0": {**OK_BLK, "cpu_affinity": [0, "1"]}}}, "devices.disk0.cpu_affinity:"),
     ({"devices": {"disk0": {**OK_BLK, "poll_us": 5000}}}, "devices.disk0.poll_us: 5000 is not in 0..1000"),
     ({"devices": {"n": {"type": "net", "socket": "/s"}}}, "devices.n: 'tap' is required"),

@@ -246,6 +246,30 @@ def test_the_rings_region_removed_and_added_back_keeps_the_ring(daemon_factory: 
         fe.close()
 
 
+def test_the_same_region_added_twice_goes_with_its_last_removal(daemon_factory: DaemonFactory,
+                                                               ram: GuestRam) -> None:
+    """QEMU's vhost-user-net sends each region once per queue pair on one
+    connection: identical ADDs are counted, not refused."""
+    d = daemon_factory()
+    fe = connect(d)
+    try:
+        for r in ram.regions[:3]:
+            assert fe.add_mem_reg(r) == 0
+            assert fe.add_mem_reg(r) == 0          # the second queue pair's copy
+        ring = DriverRing(ram, 0, 16)
+        fe.start_ring(ring)
+        blk = BlkDriver(ring)
+        assert fe.rem_mem_reg(ram.regions[2]) == 0
+        ram._next = ram.regions[2].gpa
+        assert blk.read(0, 4096).status == VIRTIO_BLK_S_OK     # still mapped: one holder left
+        assert "memory region removed" not in d.log()
+        assert fe.rem_mem_reg(ram.regions[2]) == 0
+        d.wait_log("blk0: memory region removed")
+        assert "closing connection" not in d.log()
+    finally:
+        fe.close()
+
+
 def send_reg(fe: Frontend, request: Request, region: MemRegion, fds: list[int]) -> None:
     fe.send(request, MemRegMsg(region).pack(), fds)
 

@@ -40,12 +40,14 @@ pytestmark = pytest.mark.usefixtures("watchdog")
 
 V = int(HeaderFlag.VERSION)
 ALL_PROTOCOL = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
-                | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS))
+                | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                | bit(ProtocolFeature.BACKEND_REQ))
 BLK_FEATURES = (bit(VirtioFeature.VERSION_1) | bit(VirtioFeature.RING_INDIRECT_DESC)
                 | bit(VirtioFeature.RING_EVENT_IDX) | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
                 | bit(VirtioFeature.LOG_ALL)
                 | bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE)
-                | bit(BlkFeature.FLUSH) | bit(BlkFeature.MQ))
+                | bit(BlkFeature.FLUSH) | bit(BlkFeature.MQ) | bit(BlkFeature.CONFIG_WCE)
+                | bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES))
 DaemonFactory = Callable[..., Daemon]
 
 
@@ -142,7 +144,8 @@ def test_read_only_device(daemon_factory: DaemonFactory, sessions: list[Attached
     d = daemon_factory(read_only=True)
     a = attach(d)
     sessions.append(a)
-    assert a.features == BLK_FEATURES | bit(BlkFeature.RO)
+    # A read-only disk offers no DISCARD or WRITE_ZEROES (it would refuse them).
+    assert a.features == (BLK_FEATURES | bit(BlkFeature.RO)) & ~bit(BlkFeature.DISCARD) & ~bit(BlkFeature.WRITE_ZEROES)
     blk = a.blk()
     assert blk.write(0, b"x" * SECTOR).status == VIRTIO_BLK_S_IOERR
     r = blk.read(0, SECTOR)
@@ -164,7 +167,13 @@ def test_get_config(daemon_factory: DaemonFactory) -> None:
         assert seg_max == SEG_MAX == 510
         assert blk_size == 512
         assert num_queues == 3
-        assert cfg[16:20] == bytes(4) and cfg[24:34] == bytes(10) and cfg[36:] == bytes(24)
+        assert cfg[16:20] == bytes(4) and cfg[24:32] == bytes(8) and cfg[33] == 0
+        assert cfg[32] == 1                          # writeback: the write cache is on
+        # max_discard_sectors, max_discard_seg, discard_sector_alignment,
+        # max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap
+        trim = struct.unpack_from("<IIIIIB", cfg, 36)
+        assert trim[0] == trim[3] == 0x3FFFFF and trim[1] == trim[4] == 32 and trim[2] >= 1 and trim[5] == 1
+        assert cfg[57:] == bytes(3)
         assert fe.get_config(2, offset=34) == struct.pack("<H", 3)
         assert fe.get_config(8, offset=0) == struct.pack("<Q", 6144)
         assert fe.get_config(16, offset=200) == bytes(16)

@@ -25,7 +25,7 @@ from vhostd import config as config_mod
 from vhostd import control
 from vhostd.config import BlkConfig, Config, DaemonConfig, DeviceConfig, Endpoint, NetConfig, Workers
 from vhostd.daemon import RELOAD_REFUSED, Daemon, DaemonError
-from vhostd.devices.blk import MAX_QUEUES, Engine
+from vhostd.devices.blk import MAX_QUEUES, Discard, Engine
 from vhostd.devices.net import MAX_QUEUE_PAIRS, parse_mac
 from vhostd.native import MAX_WORKERS
 
@@ -168,6 +168,12 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
               show_default=True, help="I/O engine: io_uring keeps many requests in flight per queue; "
                                       "sync does one at a time.")
 @click.option("--direct", is_flag=True, help="Open the file with O_DIRECT (bypass the host page cache).")
+@click.option("--discard", type=click.Choice([d.value for d in Discard]), default=Discard.UNMAP.value,
+              show_default=True, help="A guest's DISCARD: unmap punches a hole in the file (thin images "
+                                      "shrink), ignore acknowledges it and does nothing.")
+@click.option("--write-cache/--no-write-cache", default=True, show_default=True,
+              help="Write-back (the guest flushes) or write-through (a write completes once durable); "
+                   "the guest can switch it (CONFIG_WCE).")
 @click.option("--name", default="blk0", show_default=True, help="Device name used in logs.")
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
@@ -175,7 +181,7 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
 @daemon_options
 def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         file: Path | None, read_only: bool, num_queues: int, serial: str, engine: str, direct: bool,
-        name: str, print_capabilities: bool, poll_us: int, cpus: str, workers: int | None,
+        discard: str, write_cache: bool, name: str, print_capabilities: bool, poll_us: int, cpus: str, workers: int | None,
         control_socket: Path | None, metrics_listen: str | None, sandbox: bool | None) -> None:
     """Serve a virtio-blk device backed by FILE.
 
@@ -195,7 +201,8 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
         raise click.BadParameter("longer than 20 bytes", param_hint="--serial")
     cfg = BlkConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=Workers(poll_us=poll_us), file=file, read_only=read_only,
-                    num_queues=num_queues, serial=serial, aio=Engine(engine), direct=direct)
+                    num_queues=num_queues, serial=serial, aio=Engine(engine), direct=direct,
+                    discard=Discard(discard), write_cache=write_cache)
     _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen, sandbox))
 
 
@@ -430,6 +437,36 @@ def reload(control_path: Path | None, config_path: Path | None, force: bool) -> 
         click.echo(line)
     if any(line.startswith(RELOAD_REFUSED) for line in report):
         sys.exit(1)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    try:
+        n = int(t[: len(t) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 10G, 512M, 1073741824)") from None
+    if n <= 0 or n % 512:
+        raise click.BadParameter(f"{text!r}: a disk size is a positive multiple of 512 bytes")
+    return n
+
+
+@main.command()
+@control_option
+@click.argument("device")
+@click.argument("size", required=False)
+@click.option("--shrink", is_flag=True, help="Allow a size below the current one (data past it is lost).")
+def resize(control_path: Path | None, device: str, size: str | None, shrink: bool) -> None:
+    """Resize a running disk: extend its file to SIZE (e.g. 20G), or without
+    SIZE take the size its file or block device has now; the guest sees the
+    new capacity at once (a config change through the back-end channel)."""
+    nbytes = parse_size(size) if size is not None else None
+    for line in _request(control_path, "resize", device=device, size=nbytes, shrink=shrink)["report"]:
+        click.echo(line)
 
 
 def format_status(st: dict[str, Any]) -> str:

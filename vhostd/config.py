@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vhostd.devices.blk import MAX_QUEUES, SERIAL_BYTES, Engine
+from vhostd.devices.blk import MAX_QUEUES, SERIAL_BYTES, Discard, Engine
 from vhostd.devices.net import MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU, parse_mac
 from vhostd.native import MAX_WORKERS
 from vhostd.scheduler import SchedulerConfig
@@ -67,6 +67,8 @@ class BlkConfig:
     serial: str = ""
     aio: Engine = Engine.IO_URING
     direct: bool = False
+    discard: Discard = Discard.UNMAP
+    write_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,8 @@ def _blk(name: str, t: _Table) -> BlkConfig:
         serial=serial,
         aio=Engine(t.choice("aio", tuple(e.value for e in Engine), Engine.IO_URING.value)),
         direct=t.get("direct", bool, False),
+        discard=Discard(t.choice("discard", tuple(d.value for d in Discard), Discard.UNMAP.value)),
+        write_cache=t.get("write_cache", bool, True),
     )
 
 

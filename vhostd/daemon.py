@@ -31,7 +31,7 @@ from vhostd import config as config_mod
 from vhostd import activation, control, metrics, sandbox, systemd
 from vhostd.backends.tap import TapError
 from vhostd.config import BlkConfig, Config, DeviceConfig
-from vhostd.devices.base import Device
+from vhostd.devices.base import Device, DeviceError
 from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.devices.net import NetDevice, NetOptions
 from vhostd.protocol.channel import Channel
@@ -227,7 +227,8 @@ def build_device(cfg: DeviceConfig) -> Device:
     if isinstance(cfg, BlkConfig):
         return BlkDevice(cfg.name, BlkOptions(path=cfg.file, read_only=cfg.read_only,
                                               num_queues=cfg.num_queues, serial=cfg.serial,
-                                              engine=cfg.aio, direct=cfg.direct), workers)
+                                              engine=cfg.aio, direct=cfg.direct, discard=cfg.discard,
+                                              write_cache=cfg.write_cache), workers)
     return NetDevice(cfg.name, NetOptions(tap=cfg.tap, queue_pairs=cfg.queue_pairs, mtu=cfg.mtu,
                                           mac=cfg.mac, bridge=cfg.bridge), workers)
 
@@ -545,8 +546,31 @@ class Daemon:
                 return {"ok": True, "status": self.status()}
             case "reload":
                 return {"ok": True, "report": await self.reload(force=bool(req.get("force")))}
+            case "resize":
+                return await self.resize(req)
             case other:
                 return {"ok": False, "error": f"unknown command {other!r}"}
+
+
+    async def resize(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`vhostd resize`: a disk's new size (or its file's or block
+        device's current one), then a config change to the front-end."""
+        name, size, shrink = req.get("device"), req.get("size"), bool(req.get("shrink"))
+        server = self.servers.get(name) if isinstance(name, str) else None
+        if server is None or not isinstance(server.device, BlkDevice):
+            return {"ok": False, "error": f"{name!r} is not a disk of this daemon"}
+        if size is not None and (not isinstance(size, int) or size <= 0):
+            return {"ok": False, "error": f"size {size!r} is not a positive number of bytes"}
+        try:
+            old, new = server.device.resize(size, shrink)
+        except DeviceError as e:
+            return {"ok": False, "error": f"{name}: {e}"}
+        if old == new:
+            return {"ok": True, "report": [f"{name}: {new} bytes, unchanged"]}
+        log.info("%s: resized from %d to %d bytes", name, old, new)
+        told = await server.session.config_changed() if server.session is not None else \
+            "no front-end attached: the next one sees the new size"
+        return {"ok": True, "report": [f"{name}: {old} -> {new} bytes; {told}"]}
 
 
 class DaemonError(Exception):

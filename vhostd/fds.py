@@ -33,6 +33,12 @@ class OwnedFd:
         if fd >= 0:
             os.close(fd)
 
+    def release(self) -> int:
+        """Hands the fd over to a new owner (e.g. a socket object)."""
+        fd = self.fileno()
+        self._fd = -1
+        return fd
+
     def __enter__(self) -> OwnedFd:
         return self
 

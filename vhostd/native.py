@@ -317,6 +317,25 @@ class NativeBlk:
             raise NativeError(errno.ENOMEM, "vhd_blk_new")
         self.ptr: Any = ptr
 
+    def set_trim(self, *, discard: int, zeroes: int, may_unmap: bool, max_discard_sectors: int,
+                 max_discard_seg: int, max_zeroes_sectors: int, max_zeroes_seg: int) -> None:
+        """DISCARD / WRITE_ZEROES (before any worker runs)."""
+        t = ffi.new("struct vhd_blk_trim *", {
+            "discard": discard, "zeroes": zeroes, "may_unmap": int(may_unmap),
+            "max_discard_sectors": max_discard_sectors, "max_discard_seg": max_discard_seg,
+            "max_zeroes_sectors": max_zeroes_sectors, "max_zeroes_seg": max_zeroes_seg})
+        lib.vhd_blk_set_trim(self.ptr, t)
+
+    @property
+    def capacity(self) -> int:
+        return int(lib.vhd_blk_capacity(self.ptr))
+
+    def set_capacity(self, sectors: int) -> None:
+        lib.vhd_blk_set_capacity(self.ptr, sectors)
+
+    def set_writethrough(self, on: bool) -> None:
+        lib.vhd_blk_set_writethrough(self.ptr, int(on))
+
     def close(self) -> None:
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:

@@ -296,6 +296,7 @@ SPECS: dict[Request, Spec] = {
     Request.GET_CONFIG: Spec(P.CONFIG, reply=P.CONFIG),
     Request.SET_CONFIG: Spec(P.CONFIG),
     Request.GET_MAX_MEM_SLOTS: Spec(P.NONE, reply=P.U64),
+    Request.SET_BACKEND_REQ_FD: Spec(P.NONE, F.ONE),
     Request.ADD_MEM_REG: Spec(P.MEM_REG, F.ONE),
     Request.REM_MEM_REG: Spec(P.MEM_REG, F.OPTIONAL),
     Request.NET_SET_MTU: Spec(P.U64),

@@ -20,6 +20,7 @@ import trio
 from vhostd.devices.base import Device, DeviceError
 from vhostd.fds import OwnedFd, close_all
 from vhostd.memory import GuestMemory, GuestMemoryError, GuestRegion, InflightBuffer
+from vhostd.protocol.backend import BackendChannel, BackendChannelError, BackendRequest
 from vhostd.protocol.channel import Channel, Disconnected
 from vhostd.protocol.constants import (
     MAX_QUEUE_SIZE,
@@ -82,10 +83,15 @@ class Session:
         # the regions to unmap after it, and when to install it at the latest.
         self._mem_next: GuestMemory | None = None
         self._mem_gone: list[GuestRegion] = []
+        # QEMU's vhost-user-net sends every region once per queue pair on the
+        # one connection (a vhost_dev each): identical ADDs are counted, and
+        # a region goes with its last REM.  Key: (gpa, size, uva).
+        self._mem_refs: dict[tuple[int, int, int], int] = {}
         self._mem_deadline = 0.0
         self._lock = trio.Lock()          # one request, or the memory settling, at a time
         self._nursery: trio.Nursery | None = None
         self.inflight: InflightBuffer | None = None
+        self.backend: BackendChannel | None = None   # SET_BACKEND_REQ_FD: our requests to the front-end
         self.log: NativeLog | None = None   # SET_LOG_BASE's bitmap, used while LOG_ALL is on
         self.log_pages = 0                   # pages logged in logs already released
         self.closing = False
@@ -122,6 +128,7 @@ class Session:
             Request.SEND_RARP: self._send_rarp,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
         assert set(self._handlers) == set(SPECS), "every accepted request needs a handler"
 
@@ -179,6 +186,8 @@ class Session:
             self.inflight.close()
             self.inflight = None
         self._release_log()
+        if self.backend is not None:
+            self.backend.close()
         self._broken.close()
         self.device.on_disconnect()
         self.closed.set()
@@ -355,6 +364,7 @@ class Session:
         if old is not None:
             old.close()
             old.unmap()
+        self._mem_refs = {}       # a whole table replaces what ADD_MEM_REG counted
         for vr in self.vrings:
             self._start_if_ready(vr)
         log.info("%s: memory table: %d regions, %d MiB", self.device.name, len(mem.regions), mem.size >> 20)
@@ -377,6 +387,12 @@ class Session:
         if not self.protocol_features & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise ProtocolError(msg.request, "CONFIGURE_MEM_SLOTS was not negotiated")
         fd = msg.fds.pop()
+        r = msg.payload.region
+        key = (r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        if key in self._mem_refs:
+            fd.close()
+            self._mem_refs[key] += 1          # the same region again, from another queue pair
+            return None
         base = self._memory_now()
         try:
             new, region = base.with_region(msg.payload.region, fd)   # mapped now, outside any stop
@@ -386,6 +402,7 @@ class Session:
             if base is not self._mem_next and base is not self.mem:
                 base.close()
         self._stage_memory(new)
+        self._mem_refs[key] = 1
         log.info("%s: memory region added: gpa %#x, %d MiB", self.device.name,
                  region.desc.guest_phys_addr, region.desc.memory_size >> 20)
         await self._apply_memory()          # usable once acknowledged
@@ -395,6 +412,11 @@ class Session:
         assert isinstance(msg.payload, MemRegMsg)
         if not self.protocol_features & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             raise ProtocolError(msg.request, "CONFIGURE_MEM_SLOTS was not negotiated")
+        r = msg.payload.region
+        key = (r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        if self._mem_refs.get(key, 0) > 1:
+            self._mem_refs[key] -= 1          # another queue pair still has it
+            return None
         base = self._memory_now()
         try:
             new, region = base.without(msg.payload.region)
@@ -404,6 +426,7 @@ class Session:
         finally:
             if base is not self._mem_next and base is not self.mem:
                 base.close()
+        self._mem_refs.pop(key, None)
         self._mem_gone.append(region)
         self._stage_memory(new)
         log.info("%s: memory region removed: gpa %#x, %d MiB", self.device.name,
@@ -614,6 +637,35 @@ class Session:
         assert isinstance(msg.payload, Config)
         self.device.write_config(msg.payload.offset, msg.payload.data)
         return None
+
+    # --- the back-end channel ---------------------------------------------------
+
+    async def _set_backend_req_fd(self, msg: Message) -> None:
+        if not self.protocol_features & bit(ProtocolFeature.BACKEND_REQ):
+            raise ProtocolError(msg.request, "BACKEND_REQ was not negotiated")
+        fd = msg.fds.pop()
+        if self.backend is not None:
+            self.backend.close()
+        try:
+            self.backend = BackendChannel(fd, reply_ack=bool(self.protocol_features & bit(ProtocolFeature.REPLY_ACK)))
+        except OSError as e:
+            fd.close()
+            raise ProtocolError(msg.request, f"not a socket: {e.strerror}") from None
+        return None
+
+    async def config_changed(self) -> str:
+        """Tells the front-end that config space changed (a resize), through
+        the back-end channel.  Runs beside the message loop, which must keep
+        answering (QEMU reads the new config before it answers this).
+        Returns what happened, for the operator."""
+        if self.backend is None or self.backend.closed:
+            return "the front-end gave no back-end channel: the guest sees it after a device reset"
+        try:
+            await self.backend.request(BackendRequest.CONFIG_CHANGE_MSG)
+        except BackendChannelError as e:
+            log.warning("%s: config change not delivered: %s", self.device.name, e)
+            return f"the front-end was not told: {e}"
+        return "the front-end was told"
 
     # --- net ---------------------------------------------------------------
 
