@@ -90,6 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directions", default="tx,rx", help="tx (guest TX), rx (guest RX) or both")
     p.add_argument("--queue-size", type=int, default=1024,
                    help="virtio_user ring size (default 1024)")
+    p.add_argument("--cfe-frame", type=int, default=PAYLOAD,
+                   help=f"guest TX frame size of the vhostd-cfe back-ends (tsofe --frame, default "
+                        f"{PAYLOAD}); with 1514 the buffers are 1536 bytes apart, so 1 or N regions "
+                        f"touch the same number of pages")
     p.add_argument("--regions", type=int, default=64,
                    help=f"guest RAM regions of {REGIONS_PAIR[0]} (tsofe --regions, default 64)")
     net.add_vhostd_args(p)
@@ -235,7 +239,7 @@ def run_one_cfe(backend: str, direction: Direction, workdir: Path, args: argpars
     sock, control = workdir / f"{backend}.sock", workdir / f"{backend}.control"
     sock.unlink(missing_ok=True)
     be = start_vhostd(sock, control, workdir / f"{tag}.log", list(args.vhostd_args))
-    options = [*(["--rx"] if direction.name == "rx" else ["--frame", str(PAYLOAD)]),
+    options = [*(["--rx"] if direction.name == "rx" else ["--frame", str(args.cfe_frame)]),
                "--ring", str(args.queue_size), *cfe_options(backend, args)]
     try:
         fe = TsoFrontend(tsofe, sock, args.warmup + args.seconds + 1, None,
