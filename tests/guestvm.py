@@ -45,9 +45,12 @@ GUEST_MODULES: tuple[str, ...] = (
     "net_failover",
     "virtio_net",
     "virtio_mem",
+    "crc32c_generic",   # ext4's soft dependency (crypto-crc32c): modules.dep does not name it
+    "ext4",
     "qemu_fw_cfg",
 )
-GUEST_BINARIES: tuple[str, ...] = ("fio", "iperf3", "ethtool")
+# util-linux's blkdiscard (busybox's has no -z), e2fsprogs' mke2fs (mke2fs -t ext4).
+GUEST_BINARIES: tuple[str, ...] = ("fio", "iperf3", "ethtool", "blkdiscard", "mke2fs")
 
 # Bump when the layout of the initramfs changes in a way the input hash cannot see.
 _FORMAT_VERSION = "1"
