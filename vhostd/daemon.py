@@ -16,6 +16,7 @@ import errno
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -248,6 +249,23 @@ def _listener(cfg: DeviceConfig, inherited: activation.InheritedFd | None) -> Li
     return Listener(socket_path=ep.socket, client=ep.client, group=gid)
 
 
+def raise_fd_limit() -> int:
+    """Raises the soft RLIMIT_NOFILE to the hard one and returns it.  Every device holds
+    fds (its socket, image, io_uring, an eventfd or three per ring, guest memory): a few
+    hundred devices need more than the 1024 that systemd gives a service by default.
+    Nothing here uses select() (trio waits in epoll), so a high limit is safe."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open file limit from %d to %d: %s", soft, want, e)
+        return soft
+    return want
+
+
 def os_reason(e: OSError) -> str:
     """An OSError as the operator should read it: no "[Errno N]"."""
     if isinstance(e, socket.gaierror):
@@ -311,6 +329,7 @@ class Daemon:
         self.sandbox: sandbox.Sandbox | None = None
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
+        self._gone: dict[str, trio.Event] = {}    # set once a device's task has finished
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -319,6 +338,7 @@ class Daemon:
         Raises DaemonError, before READY=1, when devices are configured and
         none of them could start."""
         fatal: str | None = None
+        raise_fd_limit()
         if self.config.daemon.sandbox:
             try:
                 sandbox.enable_workers()     # before the workers start: each filters itself
@@ -441,6 +461,7 @@ class Daemon:
         name = server.device.name
         with trio.CancelScope() as scope:
             self._scopes[name] = scope
+            gone = self._gone[name] = trio.Event()
             task_status.started()
             try:
                 await server.serve()
@@ -452,15 +473,28 @@ class Daemon:
                 server.device.close()
                 self.servers.pop(name, None)
                 self._scopes.pop(name, None)
+                if self._gone.get(name) is gone:
+                    del self._gone[name]
+                gone.set()
 
     async def stop_device(self, name: str) -> None:
-        scope = self._scopes.get(name)
-        if scope is not None:
-            scope.cancel()
-        while name in self.servers:
-            await trio.sleep(0.01)
-        self.configs.pop(name, None)
-        log.info("%s: stopped", name)
+        await self.stop_devices([name])
+
+    async def stop_devices(self, names: list[str]) -> None:
+        """Stops devices together: all are cancelled, then waited for (sessions
+        close in parallel; no per-device delay)."""
+        waits = []
+        for name in names:
+            scope = self._scopes.get(name)
+            if scope is not None:
+                scope.cancel()
+            if (gone := self._gone.get(name)) is not None:
+                waits.append(gone)
+        for gone in waits:
+            await gone.wait()
+        for name in names:
+            self.configs.pop(name, None)
+            log.info("%s: stopped", name)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -493,6 +527,7 @@ class Daemon:
         wanted = {d.name: d for d in new.devices}
         # Added devices may take sockets systemd passed (kept open for them).
         self.activation = activation.match(new.devices, self.inherited)
+        stopping = []
         for name in list(self.configs):
             if name in wanted:
                 continue
@@ -501,8 +536,9 @@ class Daemon:
                 report.append(f"{name}: removed from the configuration but a front-end is attached: "
                               f"kept (reload with --force to stop it)")
                 continue
-            await self.stop_device(name)
-            report.append(f"{name}: stopped")
+            stopping.append(name)
+        await self.stop_devices(stopping)
+        report += [f"{name}: stopped" for name in stopping]
         for name, cfg in wanted.items():
             old = self.configs.get(name)
             if old is None:
