@@ -10,6 +10,7 @@ missing, and fail instead when $CI is set.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import os
 import re
@@ -295,7 +296,11 @@ def test_dpdk_net_vhost(tmp_path: Path) -> None:
 # --- errors ---------------------------------------------------------------
 
 def cli(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, ["probe", *args])
+    # click < 8.2 (Debian 12 has 8.1.3) mixes stderr into stdout unless told
+    # not to; 8.2 keeps them apart and dropped the option.
+    kw: dict[str, Any] = ({"mix_stderr": False}
+                          if "mix_stderr" in inspect.signature(CliRunner).parameters else {})
+    r = CliRunner(**kw).invoke(main, ["probe", *args])
     return r.exit_code, r.stdout, r.stderr
 
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import click
 import trio
 
+from vhostd import __version__
 from vhostd import config as config_mod
 from vhostd import control
 from vhostd.config import BlkConfig, Config, DaemonConfig, DeviceConfig, Endpoint, NetConfig, Workers
@@ -42,6 +43,7 @@ def _setup_logging(level: str) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="vhostd", message="%(prog)s %(version)s")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="Least severe messages to log.")
 def main(log_level: str) -> None:
