@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vhd_helpers import Daemon, Rig  # noqa: E402
+from vhd_helpers import Daemon, LoopFactory, Rig  # noqa: E402
 from unavailable import missing  # noqa: E402
 
 # Property tests run native code and subprocess-free rigs: keep them bounded
@@ -101,3 +102,26 @@ def ns() -> Iterator["NetNs"]:
         missing(f"network tests: {reason}")
     with netns("t") as n:
         yield n
+
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[LoopFactory]:
+    """loop_device(content) -> (/dev/loopN, its backing file); detached after
+    the test.  Needs root and loop devices (a failure in CI without them)."""
+    import subprocess
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        missing("loop devices need root and /dev/loop-control")
+    made: list[str] = []
+
+    def make(content: bytes) -> tuple[str, Path]:
+        backing = tmp_path / f"loop{len(made)}.img"
+        backing.write_bytes(content)
+        dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        made.append(dev)
+        return dev, backing
+
+    yield make
+    for dev in made:
+        subprocess.run(["losetup", "-d", dev], check=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import vhostd_proc
-from unavailable import missing
+from vhd_helpers import LoopFactory
 from vhostd.frontend import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, BlkDriver, DriverRing, Frontend, GuestRam
 from vhostd.protocol.constants import HeaderFlag, ProtocolFeature, Request, bit
 from vhostd.protocol.messages import Config
@@ -206,20 +206,6 @@ def test_the_guest_switches_the_write_cache(disk: tuple[Disk, BackendPeer | None
     assert '"write_cache": "write-through"' in out
 
 
-@pytest.fixture
-def loop_disk(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
-        missing("loop devices need root and /dev/loop-control")
-    backing = tmp_path / "backing.img"
-    backing.write_bytes(bytes(4 * MIB))
-    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    try:
-        yield dev, backing
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
-
-
 def lower_layer(backing: Path, offset: int) -> bytes:
     """What reached the layer below the disk: the loop device's backing file,
     read around the loop device's own page cache."""
@@ -235,12 +221,12 @@ def lower_layer(backing: Path, offset: int) -> bytes:
 
 @pytest.mark.root
 def test_write_through_makes_an_acknowledged_write_durable_without_a_flush(
-        tmp_path: Path, loop_disk: tuple[str, Path]) -> None:
+        tmp_path: Path, loop_device: LoopFactory) -> None:
     """A write that only reached the page cache survives kill -9 of vhostd but
     not a power cut.  Served from a loop device, write-back leaves the data
     in the loop device's page cache (dirty, for ~30 s), write-through
     (RWF_DSYNC) has it in the backing file when the guest gets its status."""
-    dev, backing = loop_disk
+    dev, backing = loop_device(bytes(4 * MIB))
     d, _ = start_disk(tmp_path, file=Path(dev), backend=None)
     try:
         assert d.blk.write(16, b"B" * 512).status == VIRTIO_BLK_S_OK          # write-back

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from unavailable import missing
-from vhd_helpers import SECTOR, Rig
-from vhostd._native import lib
+from vhd_helpers import SECTOR, LoopFactory, Rig
 from vhostd.devices.blk import MAX_TRIM_SECTORS, MAX_TRIM_SEG, ZEROES_PUNCH, ZEROES_RANGE, _zeroing_mode
 from vhostd.frontend import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP
-from vhostd.native import NativeBlk, NativeBlkQueue
+from vhostd.native import NativeBlk
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -43,16 +39,8 @@ def set_trim(blk: NativeBlk, discard: int = DISCARD_UNMAP, zeroes: int = ZEROES_
 def run(rig: Rig, engine: str) -> None:
     if engine == "sync":
         rig.process()
-        return
-    q = NativeBlkQueue(rig.blk, 8)
-    try:
-        rig.vring.process(NativeBlkQueue.kind, q.ptr)
-        deadline = time.monotonic() + 10
-        while lib.vhd_blk_queue_quiesce(q.ptr, rig.vring.ptr) > 0:
-            assert time.monotonic() < deadline, "io_uring requests never completed"
-            time.sleep(0.001)
-    finally:
-        q.close()
+    else:
+        rig.process_uring()
 
 
 def blocks(path: Path) -> int:
@@ -168,24 +156,10 @@ def test_zeroing_mode_probe_uses_zero_range_where_the_file_system_has_it(tmp_pat
 
 # --- a loop block device -----------------------------------------------------------
 
-@pytest.fixture
-def loopdev(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
-        missing("loop devices need root and /dev/loop-control")
-    backing = tmp_path / "backing.img"
-    backing.write_bytes(bytes(range(256)) * (SECTORS * SECTOR // 256))
-    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    try:
-        yield dev, backing
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
-
-
 @pytest.mark.root
-def test_discard_and_write_zeroes_on_a_block_device(rig_factory: RigFactory, loopdev: tuple[str, Path],
+def test_discard_and_write_zeroes_on_a_block_device(rig_factory: RigFactory, loop_device: LoopFactory,
                                                     engine: str) -> None:
-    dev, backing = loopdev
+    dev, backing = loop_device(bytes(range(256)) * (SECTORS * SECTOR // 256))
     r = rig_factory(region_sizes=(1 << 20, 1 << 20), sectors=SECTORS)
     fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
     r.blk.close()

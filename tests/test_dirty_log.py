@@ -170,20 +170,10 @@ def test_a_replaced_log_loses_no_bit(rig_factory: RigFactory) -> None:
 
 def test_io_uring_reads_are_logged_on_completion(rig_factory: RigFactory, bitmap: DirtyBitmap,
                                                  log: NativeLog) -> None:
-    import time
-    from vhostd._native import lib
     rig = rig_factory(region_sizes=(1 << 20, 1 << 20), sectors=2048)
     rig.setup(log=log, log_used_gpa=rig.ring.used)
     reqs = [rig.read_req(i * 64, 32 * 1024, indirect=True) for i in range(4)]
-    q = NativeBlkQueue(rig.blk, 8)
-    try:
-        rig.vring.process(NativeBlkQueue.kind, q.ptr)
-        deadline = time.monotonic() + 10
-        while lib.vhd_blk_queue_quiesce(q.ptr, rig.vring.ptr) > 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-    finally:
-        q.close()
+    rig.process_uring()
     expected = used_pages(rig.ring.used, rig.num, range(4))
     for r in reqs:
         expected |= pages_of(r.in_gpa, 32 * 1024) | pages_of(r.status_gpa, 1)
@@ -196,8 +186,6 @@ def test_a_read_served_in_two_parts_logs_both(rig_factory: RigFactory, bitmap: D
     (RWF_NOWAIT) and reads the rest through io_uring: the first part's pages
     must be logged too, although its iovecs are dropped before completion
     (a guest migrated under buffered reads crashed on the destination)."""
-    import time
-    from vhostd._native import lib
     rig = rig_factory(region_sizes=(1 << 20, 1 << 20), sectors=2048)
     rig.setup(log=log, log_used_gpa=rig.ring.used)
     # The first 4 KiB of the request in the page cache, the next 60 KiB not.
@@ -209,15 +197,7 @@ def test_a_read_served_in_two_parts_logs_both(rig_factory: RigFactory, bitmap: D
     finally:
         os.close(fd)
     req = rig.read_req(0, 64 * 1024)
-    q = NativeBlkQueue(rig.blk, 8)
-    try:
-        rig.vring.process(NativeBlkQueue.kind, q.ptr)
-        deadline = time.monotonic() + 10
-        while lib.vhd_blk_queue_quiesce(q.ptr, rig.vring.ptr) > 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-    finally:
-        q.close()
+    rig.process_uring()
     assert rig.data_of(req) == rig.initial[:64 * 1024]
     expected = pages_of(req.in_gpa, 64 * 1024) | pages_of(req.status_gpa, 1)
     assert bitmap.pages() == expected | used_pages(rig.ring.used, rig.num, range(1))

@@ -172,6 +172,15 @@ def connect(d: Daemon, *, slots: bool = True) -> Frontend:
     return fe
 
 
+def start_io(fe: Frontend, ram: GuestRam, regions: int) -> BlkDriver:
+    """ADD_MEM_REG for the first regions, then a ring in them."""
+    for r in ram.regions[:regions]:
+        assert fe.add_mem_reg(r) == 0
+    ring = DriverRing(ram, 0, 16)
+    fe.start_ring(ring)
+    return BlkDriver(ring)
+
+
 def test_memory_grows_region_by_region_under_io(daemon_factory: DaemonFactory, ram: GuestRam) -> None:
     """Like QEMU once CONFIGURE_MEM_SLOTS is negotiated: even the first
     table comes as ADD_MEM_REG.  The ring runs in the first two regions;
@@ -180,11 +189,7 @@ def test_memory_grows_region_by_region_under_io(daemon_factory: DaemonFactory, r
     fe = connect(d)
     try:
         assert fe.get_u64(Request.GET_MAX_MEM_SLOTS) == 509
-        for r in ram.regions[:2]:
-            assert fe.add_mem_reg(r) == 0
-        ring = DriverRing(ram, 0, 16)
-        fe.start_ring(ring)
-        blk = BlkDriver(ring)
+        blk = start_io(fe, ram, 2)
         data = pattern(4 << 20, seed=1)
         for i, r in enumerate(ram.regions[2:], start=2):
             assert fe.add_mem_reg(r) == 0
@@ -205,11 +210,7 @@ def test_a_removed_region_is_unmapped_and_can_come_back(daemon_factory: DaemonFa
     d = daemon_factory()
     fe = connect(d)
     try:
-        for r in ram.regions[:4]:
-            assert fe.add_mem_reg(r) == 0
-        ring = DriverRing(ram, 0, 16)
-        fe.start_ring(ring)
-        blk = BlkDriver(ring)
+        blk = start_io(fe, ram, 4)
         d.wait_log("blk0: memory: 4 regions")
         maps = d.memfd_maps()
         assert fe.rem_mem_reg(ram.regions[3]) == 0
@@ -231,11 +232,7 @@ def test_the_rings_region_removed_and_added_back_keeps_the_ring(daemon_factory: 
     d = daemon_factory()
     fe = connect(d)
     try:
-        for r in ram.regions[:2]:
-            assert fe.add_mem_reg(r) == 0
-        ring = DriverRing(ram, 0, 16)
-        fe.start_ring(ring)
-        blk = BlkDriver(ring)
+        blk = start_io(fe, ram, 2)
         assert blk.read(0, 512).status == VIRTIO_BLK_S_OK
         assert fe.rem_mem_reg(ram.regions[0]) == 0
         assert fe.add_mem_reg(ram.regions[0]) == 0
@@ -254,11 +251,8 @@ def test_the_same_region_added_twice_goes_with_its_last_removal(daemon_factory: 
     fe = connect(d)
     try:
         for r in ram.regions[:3]:
-            assert fe.add_mem_reg(r) == 0
-            assert fe.add_mem_reg(r) == 0          # the second queue pair's copy
-        ring = DriverRing(ram, 0, 16)
-        fe.start_ring(ring)
-        blk = BlkDriver(ring)
+            assert fe.add_mem_reg(r) == 0          # the second queue pair's copy (start_io: the first)
+        blk = start_io(fe, ram, 3)
         assert fe.rem_mem_reg(ram.regions[2]) == 0
         ram._next = ram.regions[2].gpa
         assert blk.read(0, 4096).status == VIRTIO_BLK_S_OK     # still mapped: one holder left
@@ -344,11 +338,7 @@ def test_one_thousand_add_remove_cycles_leak_nothing(daemon_factory: DaemonFacto
     d = daemon_factory()
     fe = connect(d)
     try:
-        for r in ram.regions[:2]:
-            assert fe.add_mem_reg(r) == 0
-        ring = DriverRing(ram, 0, 16)
-        fe.start_ring(ring)
-        blk = BlkDriver(ring)
+        blk = start_io(fe, ram, 2)
         assert fe.add_mem_reg(ram.regions[2]) == 0 and fe.rem_mem_reg(ram.regions[2]) == 0
         assert blk.read(0, 512).status == VIRTIO_BLK_S_OK    # warmed up (the event loop's threads)
         fds, maps = d.fd_count(), d.memfd_maps()

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from vhostd.frontend import (
     GuestRam,
     RamRegion,
 )
-from vhostd.native import MemTable, NativeBlk, NativeLog, NativeVring
+from vhostd.native import MemTable, NativeBlk, NativeBlkQueue, NativeLog, NativeVring
 from vhostd.protocol.constants import Request
 
 SECTOR = 512
@@ -156,6 +157,10 @@ class Req:
     read_len: int = 0
 
 
+# conftest's loop_device fixture: content -> (/dev/loopN, its backing file).
+LoopFactory = Callable[[bytes], tuple[str, Path]]
+
+
 class Rig:
     """One virtio-blk ring processed in this thread by the C code."""
 
@@ -194,6 +199,19 @@ class Rig:
 
     def process(self) -> int:
         return self.vring.process(NativeBlk.kind, self.blk.ptr)
+
+    def process_uring(self, depth: int = 8, timeout: float = 10.0) -> None:
+        """One pass of the io_uring engine, then waits until everything it
+        submitted completed and was published (what a stopping worker does)."""
+        q = NativeBlkQueue(self.blk, depth)
+        try:
+            self.vring.process(NativeBlkQueue.kind, q.ptr)
+            deadline = time.monotonic() + timeout
+            while lib.vhd_blk_queue_quiesce(q.ptr, self.vring.ptr) > 0:
+                assert time.monotonic() < deadline, "io_uring requests never completed"
+                time.sleep(0.001)
+        finally:
+            q.close()
 
     def pop(self) -> int:
         """One raw vhd_vring_pop(); returns its result code."""
