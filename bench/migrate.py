@@ -33,6 +33,7 @@ from bench import REPO, Benchmark, BenchError, Process, Row, progress
 # The guest harness and the QMP client live with the tests (tests/ on sys.path, as guest_fio).
 sys.path.insert(0, str(REPO / "tests"))
 import guestvm  # noqa: E402
+from migration import MigrationTimeout, console_rc, destination, qmp_args, wait_migration  # noqa: E402
 from qmp import Qmp, QmpError  # noqa: E402
 
 ANCHOR = "qsd"
@@ -107,46 +108,16 @@ def set_flag(image: Path, flag: bytes) -> None:
         os.close(fd)
 
 
-def qmp_args(path: Path) -> list[str]:
-    return ["-qmp", f"unix:{path},server=on,wait=off"]
-
-
-def destination(src: guestvm.Guest, device_args: list[str], qmp: Path, mig: Path,
-                workdir: Path, timeout: float) -> guestvm.Guest:
-    """The source's command line with its own device and QMP arguments, plus -incoming
-    (start_guest puts the device arguments after -fw_cfg), as tests/test_guest_migration.py."""
-    cmd = list(src.cmd)
-    i = cmd.index("-fw_cfg")
-    del cmd[i + 2:]
-    workdir.mkdir()
-    # The source's workdir goes when it exits: the script file must outlive it.
-    name, _, script = cmd[i + 1].partition(",file=")
-    shutil.copy(script, workdir / "script.sh")
-    cmd[i + 1] = f"{name},file={workdir / 'script.sh'}"
-    return guestvm.Guest([*cmd, *device_args, *qmp_args(qmp), "-incoming", f"unix:{mig}"],
-                         workdir, timeout=timeout)
-
-
-def wait_migration(qmp: Qmp, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    st: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        st = dict(qmp.command("query-migrate"))
-        if st.get("status") in ("completed", "failed", "cancelled"):
-            return st
-        time.sleep(0.05)
+def _wait(q: Qmp, timeout: float) -> dict[str, Any]:
+    """The migration's end; one that does not end is cancelled and reported."""
     try:
-        qmp.command("migrate_cancel")
-    except QmpError:
-        pass
-    raise BenchError(f"migration did not finish in {timeout:.0f} s: {st}")
-
-
-def console_rc(console: str) -> int | None:
-    """The script's exit status from a console that lacks the start marker (a destination's
-    console begins mid-script)."""
-    m = re.search(re.escape(guestvm.END_MARKER) + r" rc=(\d+)", console)
-    return int(m.group(1)) if m else None
+        return wait_migration(q, timeout, poll=0.05)
+    except MigrationTimeout as e:
+        try:
+            q.command("migrate_cancel")
+        except QmpError:
+            pass
+        raise BenchError(str(e)) from None
 
 
 def run_once(backend: str, image: Path, workdir: Path, args: argparse.Namespace, rnd: int) -> Row:
@@ -191,7 +162,7 @@ def run_once(backend: str, image: Path, workdir: Path, args: argparse.Namespace,
                         "downtime-limit": args.downtime_limit_ms})
                     src_cpu0 = src_be.cpu_seconds()
                     q.command("migrate", uri=f"unix:{mig}")
-                    status = wait_migration(q, args.migration_timeout)
+                    status = _wait(q, args.migration_timeout)
                     src_cpu1 = src_be.cpu_seconds()
                     if status.get("status") != "completed":
                         raise BenchError(f"{tag}: migration {status.get('status')}: {status}\n"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -41,6 +40,7 @@ import pytest
 import guestvm
 import vhostd_proc
 from netns import NetNs, vhostd_net
+from migration import console_rc, destination, qmp_args, wait_migration
 from qmp import Qmp, QmpError
 from vhostd import control
 
@@ -133,26 +133,6 @@ echo MIGRATION-CHECK-DONE
 
 # --- QEMU on both sides ---------------------------------------------------------
 
-def qmp_args(path: Path) -> list[str]:
-    return ["-qmp", f"unix:{path},server=on,wait=off"]
-
-
-def destination(src: guestvm.Guest, device_args: Sequence[str], qmp: Path, mig: Path,
-                workdir: Path) -> guestvm.Guest:
-    """The source's command line with other device and QMP arguments, plus
-    -incoming (start_guest puts the device arguments after -fw_cfg)."""
-    cmd = list(src.cmd)
-    i = cmd.index("-fw_cfg")
-    del cmd[i + 2:]
-    workdir.mkdir()
-    # The source's workdir goes when it exits: the script file must outlive it.
-    name, _, script = cmd[i + 1].partition(",file=")
-    shutil.copy(script, workdir / "script.sh")
-    cmd[i + 1] = f"{name},file={workdir / 'script.sh'}"
-    return guestvm.Guest([*cmd, *device_args, *qmp_args(qmp), "-incoming", f"unix:{mig}"],
-                         workdir, timeout=300)
-
-
 def hold_after_first_pass(qmp: Qmp, seconds: float, timeout: float = 120) -> None:
     """Keeps QEMU iterating for `seconds` after its first pass over RAM: the
     device then writes pages QEMU has already sent.  downtime-limit 1 ms and
@@ -171,17 +151,6 @@ def hold_after_first_pass(qmp: Qmp, seconds: float, timeout: float = 120) -> Non
     assert st.get("status") == "active", f"switched over during the hold: {st}"
 
 
-def wait_migration(qmp: Qmp, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    st: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        st = dict(qmp.command("query-migrate"))
-        if st.get("status") in ("completed", "failed", "cancelled"):
-            return st
-        time.sleep(0.1)
-    raise AssertionError(f"migration did not finish in {timeout} s: {st}")
-
-
 def start_migration(qmp_src: Qmp, dst: guestvm.Guest, qmp_dst_path: Path, mig: Path, *,
                     bandwidth: int = BANDWIDTH, downtime_ms: int = 300) -> None:
     try:
@@ -190,13 +159,6 @@ def start_migration(qmp_src: Qmp, dst: guestvm.Guest, qmp_dst_path: Path, mig: P
         raise AssertionError(f"destination QEMU did not start: {dst.result(timeout=5).describe()}") from None
     qmp_src.command("migrate-set-parameters", **{"max-bandwidth": bandwidth, "downtime-limit": downtime_ms})
     qmp_src.command("migrate", uri=f"unix:{mig}")
-
-
-def console_rc(result: guestvm.GuestResult) -> int | None:
-    """The script's exit status from a console that may lack the start marker
-    (a destination's console begins mid-script)."""
-    m = re.search(re.escape(guestvm.END_MARKER) + r" rc=(\d+)", result.console)
-    return int(m.group(1)) if m else None
 
 
 # --- blk ---------------------------------------------------------------------
@@ -310,7 +272,7 @@ def migrate_blk(disk: Disk, *, aio: str = "io_uring", num_queues: int = 1,
 def check_blk_success(disk: Disk, out: Outcome) -> None:
     assert out.status.get("status") == "completed", out.status
     assert "MIGRATION-CHECK-DONE" in out.dst.console, out.dst.describe()
-    assert console_rc(out.dst) == 0 and "BAD" not in out.dst.console, out.dst.describe()
+    assert console_rc(out.dst.console) == 0 and "BAD" not in out.dst.console, out.dst.describe()
     m = re.search(r"WRITE-AREA ([0-9a-f]{32})", out.dst.console)
     assert m and m.group(1) == write_area_md5(disk.image), out.dst.console
     rounds = re.search(r"ROUNDS (\d+)", out.dst.console)
