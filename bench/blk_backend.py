@@ -92,6 +92,9 @@ WORKLOADS = {w.name: w for w in (
     Workload("randwrite-4k-qd32", "randwrite", 4096, 32),
     Workload("seqread-128k-qd8", "seqread", 128 * 1024, 8),
     Workload("randread-4k-qd32-2q", "randread", 4096, 32, queues=2),
+    # One 4 KiB segment per DISCARD / WRITE_ZEROES request (blkfe --rw randdiscard ...).
+    Workload("discard-4k-qd32", "randdiscard", 4096, 32),
+    Workload("write-zeroes-4k-qd32", "randwrite-zeroes", 4096, 32),
 )}
 
 
@@ -184,6 +187,10 @@ BACKENDS: dict[str, Callable[[Path, Path, int], list[str]]] = {
     "vhostd": _vhostd(),
     "qsd": _qsd(""),
     "qsd-io_uring": _qsd(",aio=io_uring"),
+    # The anchors for discard-4k-qd32 / write-zeroes-4k-qd32: qsd's file node ignores a
+    # guest's DISCARD unless discard=unmap (vhostd's default), so compare with these.
+    "qsd-unmap": _qsd(",discard=unmap"),
+    "qsd-unmap-io_uring": _qsd(",discard=unmap,aio=io_uring"),
     # Not run by default.  vhostd's one-request-at-a-time engine, for comparison:
     "vhostd-sync": _vhostd("--aio", "sync"),
     # Bounded busy-poll after each burst (lower latency at low queue depth).

@@ -101,6 +101,8 @@ enum vu_request {
 
 #define BLK_T_IN 0u
 #define BLK_T_OUT 1u
+#define BLK_T_DISCARD 11u
+#define BLK_T_WRITE_ZEROES 13u
 #define BLK_T_FLUSH 4u
 #define BLK_S_OK 0
 #define SECTOR 512u
@@ -641,10 +643,17 @@ static void queue_add(struct queue *q, uint32_t s, uint32_t type, uint64_t secto
     *m->status = 0xff;
     d[0] = (struct vring_desc){ m->hdr_gpa, sizeof(*h), VRING_DESC_F_NEXT,
                                 (uint16_t)(head + (type == BLK_T_FLUSH ? 2 : 1)) };
-    if (type != BLK_T_FLUSH)
+    if (type == BLK_T_DISCARD || type == BLK_T_WRITE_ZEROES) {
+        /* One segment of bs bytes (virtio 1.2 5.2.6: sector, num_sectors, flags). */
+        struct { uint64_t sector; uint32_t num_sectors, flags; } seg = { sector, q->bs / SECTOR, 0 };
+        memcpy(m->data, &seg, sizeof(seg));
+        h->sector = 0;
+        d[1] = (struct vring_desc){ m->data_gpa, sizeof(seg), VRING_DESC_F_NEXT, (uint16_t)(head + 2) };
+    } else if (type != BLK_T_FLUSH) {
         d[1] = (struct vring_desc){ m->data_gpa, q->bs,
                                     (uint16_t)(VRING_DESC_F_NEXT | (type == BLK_T_IN ? VRING_DESC_F_WRITE : 0)),
                                     (uint16_t)(head + 2) };
+    }
     d[2] = (struct vring_desc){ m->status_gpa, 1, VRING_DESC_F_WRITE, 0 };
     /* A plain store: the release store of avail->idx in queue_publish() orders it (and the
      * descriptors and header above) before the device can see the new index. */
@@ -808,7 +817,7 @@ static void queue_run_job(struct queue *q)
 
 /* --- options and the run ------------------------------------------------------------------ */
 
-enum mode { RANDREAD, RANDWRITE, SEQREAD, SEQWRITE };
+enum mode { RANDREAD, RANDWRITE, SEQREAD, SEQWRITE, RANDDISCARD, RANDZEROES };
 
 struct options {
     const char *socket;
@@ -863,7 +872,8 @@ struct run {
 
 static const char *mode_name(enum mode m)
 {
-    static const char *names[] = { "randread", "randwrite", "seqread", "seqwrite" };
+    static const char *names[] = { "randread", "randwrite", "seqread", "seqwrite", "randdiscard",
+                                   "randwrite-zeroes" };
     return names[m];
 }
 
@@ -890,8 +900,9 @@ static void pin_thread(int cpu)
 static void bench_phase(struct run *r, struct queue *q)
 {
     const struct options *o = &r->opt;
-    q->job = (struct job){ .type = o->mode == RANDREAD || o->mode == SEQREAD ? BLK_T_IN : BLK_T_OUT,
-                           .random = o->mode == RANDREAD || o->mode == RANDWRITE };
+    static const uint32_t types[] = { BLK_T_IN, BLK_T_OUT, BLK_T_IN, BLK_T_OUT, BLK_T_DISCARD, BLK_T_WRITE_ZEROES };
+    q->job = (struct job){ .type = types[o->mode],
+                           .random = o->mode != SEQREAD && o->mode != SEQWRITE };
     range_share(r, q->index, &q->job.first, &q->job.count);
     q->t_start = now_ns();
     q->job.deadline = q->t_start + (uint64_t)(o->seconds * 1e9);
@@ -1065,7 +1076,8 @@ static void watch_run(struct run *r)
 static void usage(FILE *f)
 {
     fputs("usage: blkfe --socket PATH [options]\n"
-          "  --rw MODE        randread | randwrite | seqread | seqwrite (default randread)\n"
+          "  --rw MODE        randread | randwrite | seqread | seqwrite | randdiscard |\n"
+          "                   randwrite-zeroes (one bs-sized segment per request; default randread)\n"
           "  --bs BYTES       request size, a multiple of 512 (default 4096)\n"
           "  --qd N           requests in flight per queue (default 32)\n"
           "  --queues N       request queues, one thread each (default 1)\n"
@@ -1154,10 +1166,10 @@ static void parse_options(struct options *o, int argc, char **argv)
         switch (c) {
         case 'S': o->socket = optarg; break;
         case 'w':
-            for (o->mode = RANDREAD; o->mode <= SEQWRITE; o->mode++)
+            for (o->mode = RANDREAD; o->mode <= RANDZEROES; o->mode++)
                 if (strcmp(optarg, mode_name(o->mode)) == 0)
                     break;
-            if (o->mode > SEQWRITE)
+            if (o->mode > RANDZEROES)
                 die(EXIT_SETUP, "--rw: unknown mode %s", optarg);
             break;
         case 'b': o->bs = (uint32_t)parse_u64("bs", optarg, SECTOR, 4u << 20); break;
