@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -256,6 +257,9 @@ def migrate_blk(disk: Disk, *, aio: str = "io_uring", num_queues: int = 1,
                 hold_after_first_pass(q, HOLD_SECONDS)
                 pages = dirty_log_pages(ctl, need_pages=not src_env)
                 assert metric(port, "vhostd_dirty_log_enabled", "src") == 1.0
+                text = subprocess.run([sys.executable, "-m", "vhostd", "status", "--control", str(ctl)],
+                                      capture_output=True, text=True, check=True).stdout
+                assert re.search(r"^  dirty log: on, \d+ pages logged", text, re.M), text
                 assert (metric(port, "vhostd_dirty_log_pages_total", "src") > 0) is not bool(src_env)
                 q.command("migrate-set-parameters", **{"max-bandwidth": BANDWIDTH, "downtime-limit": 300})
                 status = wait_migration(q)

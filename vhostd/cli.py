@@ -480,6 +480,11 @@ def format_status(st: dict[str, Any]) -> str:
         if dev["frontend"]:
             out.append(f"  features: {' '.join(dev['features'])}")
             out.append(f"  protocol features: {' '.join(dev['protocol_features'])}")
+            out.append(f"  memory: {dev.get('memory_mib', 0)} MiB in {dev.get('memory_regions', 0)} region(s)")
+            if (log := dev.get("dirty_log")) and (log["enabled"] or log["pages"]):
+                out.append(f"  dirty log: {'on' if log['enabled'] else 'off'}, {log['pages']} pages logged"
+                           + (f", {log['refused']} refused (the front-end's log is too small)"
+                              if log["refused"] else ""))
             out.append(f"  {'ring':>4} {'size':>6} {'state':>8} {'requests':>12} {'read':>12} {'written':>12} "
                        f"{'errors':>7} {'kicks':>9} {'calls':>9}")
             for r in dev["rings"]:
