@@ -99,6 +99,17 @@ class GuestRam:
             gpa, length = gpa + n, length - n
         return bytes(out)
 
+    def read_u16(self, gpa: int) -> int:
+        """A 16-bit field the device may be writing at this moment (a ring index), read with
+        one aligned load.  read() copies with memcpy, which may load the two bytes separately
+        (glibc's does for 2 bytes) and return a torn value, e.g. 0x01ff between 0x00ff and
+        0x0100."""
+        r, off = self._locate(gpa)
+        if off % 2:
+            raise ValueError(f"gpa {gpa:#x} is not 2-byte aligned")
+        with memoryview(r.map) as mv, mv[off: off + 2] as b, b.cast("H") as h:
+            return int(h[0])
+
     def gpa_to_uva(self, gpa: int) -> int:
         r, off = self._locate(gpa)
         return r.uva + off
@@ -164,14 +175,15 @@ class DriverRing:
     def set_used_event(self, idx: int) -> None:
         self.ram.write(self.avail + 4 + 2 * self.num, struct.pack("<H", idx & 0xFFFF))
 
+    # Fields the device writes: one aligned load each (GuestRam.read_u16), never torn.
     def used_idx(self) -> int:
-        return int(struct.unpack("<H", self.ram.read(self.used + 2, 2))[0])
+        return self.ram.read_u16(self.used + 2)
 
     def used_flags(self) -> int:
-        return int(struct.unpack("<H", self.ram.read(self.used, 2))[0])
+        return self.ram.read_u16(self.used)
 
     def avail_event(self) -> int:
-        return int(struct.unpack("<H", self.ram.read(self.used + 4 + 8 * self.num, 2))[0])
+        return self.ram.read_u16(self.used + 4 + 8 * self.num)
 
     def add_chain(self, bufs: list[Buf], indirect: bool = False) -> int:
         """Puts a chain on the ring (not yet visible: call push_avail)."""
