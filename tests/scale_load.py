@@ -77,6 +77,7 @@ class Load:
         self.completed = 0
         self.last_progress = time.monotonic()
         self.max_gap = 0.0          # longest time without a completion while stepping
+        ring_size = max(ring_size, 1 << (3 * qd - 1).bit_length())   # a blk request: 3 descriptors
         self.fe = _connect(sock, connect_timeout)
         self.fe.negotiate(FEATURES, PROTO)
         nrings = 2 * queues if kind == "net" else queues
@@ -291,3 +292,69 @@ class Driver:
         assert not self._thread.is_alive(), "the driver thread did not stop"
         if self.failure is not None:
             raise AssertionError(f"driver thread failed: {self.failure!r}") from self.failure
+
+
+# --- a guest that floods one ring -------------------------------------------------------------
+
+
+def flood(sock: Path, index: int, stop: threading.Event | None = None, ring_size: int = 256,
+          pace_us: int = 0) -> None:
+    """The fastest legal guest there is, on a null-net device's TX ring: every descriptor holds
+    one frame, avail slot p always names head p % size, and the avail index is kept at
+    used->idx + size, i.e. each head is offered again as soon as the device has used it.  The
+    ring is never empty; the device always has work on it.  pace_us > 0: refill every pace_us
+    and sleep in between (a ring that takes the device longer than that to empty still never
+    runs dry, and the flooder takes almost no CPU).  Prints READY once the rings run, then
+    floods until stop is set (or, run as a script, until stdin closes)."""
+    fe = _connect(sock, 10.0)
+    fe.negotiate(FEATURES, PROTO)
+    ram = GuestRam([max(1 << 20, 64 * ring_size)])
+    fe.set_mem_table(ram)
+    rx, tx = DriverRing(ram, 0, ring_size), DriverRing(ram, 1, ring_size)
+    frame = bytes(NET_HDR) + (b"\xff" * 6 + mac_of(index) + b"\x88\xb7").ljust(NULL_FRAME, b"\0")
+    gpa = ram.alloc(len(frame))
+    ram.write(gpa, frame)
+    for head in range(ring_size):
+        tx.write_desc(head, gpa, len(frame))
+        ram.write(tx.avail + 4 + 2 * head, struct.pack("<H", head))
+    fe.start_ring(rx)
+    fe.start_ring(tx)
+    print("READY", flush=True)
+    region = ram.regions[0]
+    used_off, avail_off = tx.used + 2 - region.gpa, tx.avail + 2 - region.gpa
+    view = region.map
+    # One aligned 16-bit load and store each (a 2-byte slice copy may tear: GuestRam.read_u16).
+    with memoryview(view) as mv, mv[used_off: used_off + 2].cast("H") as used_idx, \
+            mv[avail_off: avail_off + 2].cast("H") as avail_idx:
+        _flood_loop(used_idx, avail_idx, tx.kick_fd, ring_size, stop, pace_us)
+    fe.close()
+
+
+def _flood_loop(used_idx: memoryview, avail_idx: memoryview, kick_fd: int, ring_size: int,
+                stop: threading.Event | None, pace_us: int) -> None:
+    if pace_us:
+        import ctypes
+        PR_SET_TIMERSLACK = 29   # wake up on time (default slack: 50 us)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+    last = -1
+    rounds = 0
+    while stop is None or not stop.is_set():
+        if pace_us:
+            time.sleep(pace_us / 1e6)
+        used = int(used_idx[0])
+        avail_idx[0] = (used + ring_size) & 0xFFFF
+        rounds += 1
+        if used == last or rounds % 1024 == 0:
+            os.eventfd_write(kick_fd, 1)   # the device may have gone to sleep: wake it
+        last = used
+        if stop is None and rounds % (256 if pace_us else 4096) == 0 and select.select([0], [], [], 0)[0]:
+            if not os.read(0, 4096):
+                break
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) not in (4, 5, 6) or sys.argv[1] != "flood":
+        sys.exit("usage: scale_load.py flood SOCKET INDEX [RING_SIZE [PACE_US]]")
+    flood(Path(sys.argv[2]), int(sys.argv[3]), ring_size=int(sys.argv[4]) if len(sys.argv) > 4 else 256,
+          pace_us=int(sys.argv[5]) if len(sys.argv) > 5 else 0)
