@@ -77,6 +77,7 @@ struct vhd_task {
     bool adopted;
     bool ready;
     bool stopping;            /* detach asked, io_uring requests still in flight */
+    bool quiet;               /* broken by the guest: its kicks no longer wake us */
     struct cmd *detach;       /* completed once stopping is over */
     struct watch kick_watch;
     struct watch backend_watch;
@@ -195,6 +196,8 @@ static void watch_backend(struct vhd_worker *w, vhd_task *t, bool want)
     t->backend_watched = want;
 }
 
+static void unwatch(struct vhd_worker *w, int fd);
+
 /* One budget of work.  Returns true if requests were handled. */
 static bool run_task(struct vhd_worker *w, vhd_task *t)
 {
@@ -207,6 +210,14 @@ static bool run_task(struct vhd_worker *w, vhd_task *t)
         watch_backend(w, t, rc == VHD_RX_IDLE);
     if (vhd_vring_take_more(t->vr))
         make_ready(w, t);
+    if (t->vr->stats.broken && !t->quiet) {
+        /* The guest broke the ring: nothing more is taken from it until the
+         * front-end sets it up again (a new task).  Its kicks stop waking the
+         * worker; an io_uring blk ring keeps its completion eventfd, so that
+         * requests in flight are still reaped. */
+        unwatch(w, t->kick_fd);
+        t->quiet = true;
+    }
     return t->vr->stats.requests != before;
 }
 
@@ -335,7 +346,7 @@ static void mark_polled_ready(struct vhd_worker *w)
         return;
     w->last_poll_ns = now;
     for (uint32_t i = 0; i < w->ntasks; i++)
-        if (w->tasks[i]->kick_fd < 0 && !w->tasks[i]->stopping)
+        if (w->tasks[i]->kick_fd < 0 && !w->tasks[i]->stopping && !w->tasks[i]->quiet)
             make_ready(w, w->tasks[i]);
 }
 
