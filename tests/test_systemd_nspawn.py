@@ -1,8 +1,14 @@
 """vhostd under a real systemd: a Debian 12 minbase rootfs (debootstrap,
 cached in /var/cache/vhostd-tests) booted with systemd-nspawn, systemd as
-PID 1.  vhostd is installed exactly as the README's systemd section says
-(its two command blocks are read from README.md and run), and the shipped
-units and example configuration are used as they are.
+PID 1.  vhostd is installed as the README's "Install on Debian" says: the
+package `./dev deb` builds (tests/debpkg.py), `apt install ./vhostd_*.deb`
+pulling its dependencies from Debian's archive only, then the README's
+configuration block (its command blocks are read from README.md and run).
+The package's units and example configuration are used as they are.
+At the end `apt remove` must stop every unit and leave no vhostd process,
+`apt purge` must remove the group and /etc/vhostd, and the README's pip
+install (wheels in a venv, the units of systemd/ naming /usr/local/bin)
+must serve a socket-activated disk in the same container.
 
 Checked: socket activation of every device with a front-end (a QEMU guest
 on the host, through /proc/PID/root/run/vhostd/...) connecting before
@@ -37,6 +43,7 @@ import pytest
 
 import guestvm
 from unavailable import missing
+import debpkg
 from vhostd.frontend import BlkDriver, DriverRing, Frontend, GuestRam
 from vhostd.protocol.constants import ProtocolFeature, bit
 
@@ -44,9 +51,9 @@ pytestmark = [pytest.mark.guest, pytest.mark.root]
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("VHOSTD_ROOTFS_CACHE", "/var/cache/vhostd-tests"))
-# What the README tells operators to install on Debian 12 (python3-venv,
-# liburing2), plus systemd as init and iproute2 for the test's own checks.
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "liburing2", "iproute2")
+# systemd as init, python3-venv for the README's pip install, iproute2 for
+# the test's own checks.  Not vhostd's dependencies: apt brings them.
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "iproute2")
 ROOTFS_FORMAT = "1"
 PROTO = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
 TAP_IP, GUEST_IP = "10.97.0.1", "10.97.0.2"
@@ -121,6 +128,7 @@ class Container:
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.leader = 0
         self.loops: list[str] = []
+        self.apt_log = ""
 
     def boot(self) -> None:
         self.log = open(self.work / "console.log", "wb")
@@ -132,9 +140,7 @@ class Container:
         while not self.leader:
             assert self.nspawn.poll() is None, self.console()
             assert time.monotonic() < deadline, "the container's init did not start"
-            children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children").read_text().split()
-            if children:
-                self.leader = int(children[0])
+            self.leader = self._init_pid(self.nspawn.pid)
             time.sleep(0.05)
         while True:      # until systemd answers (its socket appears a moment after exec)
             res = self.sh("systemctl is-system-running --wait", check=False, timeout=90)
@@ -142,6 +148,24 @@ class Container:
                 break
             assert time.monotonic() < deadline, res.stdout + res.stderr + self.console()
             time.sleep(0.2)
+
+    @staticmethod
+    def _init_pid(pid: int) -> int:
+        """The container's init: the descendant of nspawn that is PID 1 in its
+        own PID namespace (nspawn's first child is a helper that exits)."""
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                status = Path(f"/proc/{p}/status").read_text()
+                children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            except OSError:
+                continue
+            nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+            if p != pid and len(nspid) > 1 and nspid[-1] == "1":
+                return p
+            todo.extend(int(c) for c in children)
+        return 0
 
     def console(self) -> str:
         return (self.work / "console.log").read_text(errors="replace")[-4000:]
@@ -227,22 +251,42 @@ def require_nspawn() -> None:
     guestvm.require_guest()
 
 
+def _fetch_debs(root: Path, deb: str) -> None:
+    """Download what `apt install DEB` needs into the rootfs's apt cache,
+    from the Debian mirror of its sources.list, through the host's network
+    (chroot): the booted container has none (--private-network)."""
+    res = subprocess.run(["chroot", str(root), "/bin/sh", "-c",
+                          f"apt-get -q update && apt-get install -q -y --download-only {deb}"],
+                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                         env={**Container.ENV, "DEBIAN_FRONTEND": "noninteractive"})
+    assert res.returncode == 0, f"apt-get --download-only:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def box() -> Iterator[Container]:
     require_nspawn()
     t0 = time.monotonic()
+    deb = debpkg.built().deb
+    t_deb = time.monotonic() - t0
     lower = cached_rootfs()
-    t_rootfs = time.monotonic() - t0
+    t_rootfs = time.monotonic() - t0 - t_deb
     work = Path(tempfile.mkdtemp(prefix="vhostd-nspawn-", dir="/var/tmp"))
     c = Container(lower, work)
     try:
         inst = c.root / "root/vhostd"
-        _build_wheels(inst / "wheels", work)
-        shutil.copytree(ROOT / "systemd", inst / "systemd")
+        inst.mkdir(parents=True)
+        shutil.copy(deb, inst)
+        _fetch_debs(c.root, f"/root/vhostd/{deb.name}")
+        # apt in the container answers its own questions (no terminal here).
+        (c.root / "etc/apt/apt.conf.d/90vhostd-test").write_text('APT::Get::Assume-Yes "true";\n')
         c.boot()
-        for line in _readme_block("install"):           # exactly the README's commands
-            c.sh(f"cd /root/vhostd && {line}", timeout=300)
-        print(f"\nnspawn: rootfs {t_rootfs:.1f} s, ready in {time.monotonic() - t0:.1f} s")
+        lines = _readme_block("deb-install")
+        assert lines == ["apt install ./vhostd_*.deb"], lines
+        res = c.sh(f"cd /root/vhostd && {lines[0]}", timeout=300)
+        c.apt_log = res.stdout
+        for line in _readme_block("deb-configure"):     # exactly the README's commands
+            c.sh(line, timeout=120)
+        print(f"\nnspawn: .deb {t_deb:.1f} s, rootfs {t_rootfs:.1f} s, ready in {time.monotonic() - t0:.1f} s")
         yield c
     finally:
         c.close()
@@ -300,7 +344,7 @@ def _journal_lines(c: Container, pattern: str) -> list[str]:
 
 def test_socket_activation_guest_io_and_ping_through_the_containers_sockets(box: Container) -> None:
     c = box
-    assert c.show("vhostd.service", "ActiveState") == "inactive"    # nothing started it yet
+    assert c.show("vhostd.service", "ActiveState") == "inactive"    # the README stopped it
     for dev in ("disk0", "net0"):
         assert c.show(f"vhostd@{dev}.socket", "ActiveState") == "active"
         mode = os.stat(c.path(f"/run/vhostd/{dev}.sock")).st_mode
@@ -333,12 +377,13 @@ ok=""; for i in $(seq 60); do ping -c 1 -W 1 {TAP_IP} >/dev/null 2>&1 && ok=1 &&
     assert m and hashlib.md5(_file_at(c.path("/var/lib/vhostd/disk0.img"), 100 * 4096, 64 * 4096)
                              ).hexdigest() == m.group(1)
     assert c.show("vhostd.service", "ActiveState") == "active"
-    # READY=1 ("Started") only after both inherited sockets listen.
+    # READY=1 ("Started") only after both inherited sockets listen (in the start the
+    # front-end caused, the last one).
     lines = c.journal("vhostd.service").splitlines()
-    started = next(i for i, line in enumerate(lines) if "Started vhostd.service" in line)
+    started = max(i for i, line in enumerate(lines) if "Started vhostd.service" in line)
+    starting = max(i for i, line in enumerate(lines[:started]) if "Starting vhostd.service" in line)
     for dev in ("disk0", "net0"):
-        listening = next(i for i, line in enumerate(lines) if f"{dev}: listening on fd" in line)
-        assert listening < started, "\n".join(lines)
+        assert any(f"{dev}: listening on fd" in line for line in lines[starting:started]), "\n".join(lines)
     st = _status(c)
     assert {d["name"]: d["connections"] for d in st["devices"]} == {"disk0": 1, "net0": 1}, st
     assert c.show("vhostd.service", "StatusText").startswith("serving 2 device(s)")
@@ -459,9 +504,7 @@ def test_disks_outside_the_state_directory_and_on_a_loop_device_via_dropins(box:
 
 def test_template_units_with_socket_activation(box: Container) -> None:
     c = box
-    c.sh("cd /root/vhostd && install -m644 systemd/vhostd-blk@.service systemd/vhostd-blk@.socket "
-         "systemd/vhostd-net@.service systemd/vhostd-net@.socket /etc/systemd/system/ && "
-         "truncate -s 64M /var/lib/vhostd/tdisk.img && "
+    c.sh("truncate -s 64M /var/lib/vhostd/tdisk.img && "       # the package's template units
          "printf 'VHOSTD_BLK_FILE=/var/lib/vhostd/tdisk.img\\nVHOSTD_BLK_OPTS=--num-queues 2 --serial tdisk\\n' "
          "> /etc/vhostd/blk-tdisk.env && "
          "printf 'VHOSTD_TAP=vtap-tnet\\nVHOSTD_NET_OPTS=--queue-pairs 2\\n' > /etc/vhostd/net-tnet.env && "
@@ -483,4 +526,121 @@ def test_journal_has_no_traceback(box: Container) -> None:
     journal = box.journal()
     assert "vhostd" in journal
     bad = [line for line in journal.splitlines() if "Traceback" in line or "Exception Group" in line]
+    assert not bad, "\n".join(bad)
+
+
+# --- the package: where it came from, removal, purge; then the pip install ------------------
+
+_PROCS = """
+import os
+for pid in os.listdir('/proc'):
+    if pid.isdigit() and int(pid) != os.getpid():
+        try:
+            cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').decode()
+        except OSError:
+            continue
+        if 'vhostd' in cmd:
+            print(pid, cmd)
+"""
+
+
+def _vhostd_processes(c: Container) -> list[str]:
+    return c.run(["python3", "-c", _PROCS]).stdout.splitlines()
+
+
+def _active_units(c: Container) -> list[str]:
+    out = c.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "vhostd*"]).stdout
+    return [line for line in out.splitlines()
+            if len(line.split()) > 2 and line.split()[2] in ("active", "activating", "reloading", "deactivating")]
+
+
+def _listens(path: Path) -> bool:
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def test_the_package_and_its_dependencies_came_from_debian(box: Container) -> None:
+    c = box
+    # apt pulled the dependencies from the archive; the only local package is vhostd itself.
+    for pkg in ("python3-trio", "python3-click", "python3-pyroute2", "python3-prometheus-client",
+                "python3-cffi-backend", "liburing2"):
+        assert re.search(rf"^Setting up {pkg}(:amd64)? \(", c.apt_log, re.M), c.apt_log
+    listing = c.run(["apt", "list", "--installed"]).stdout
+    local = [line for line in listing.splitlines() if ",local]" in line]
+    assert [line.split("/")[0] for line in local] == ["vhostd"], local
+    # What vhostd runs on is Debian's, owned by dpkg; nothing under /usr/local, no pip.
+    files = c.run(["python3", "-c", "import vhostd._native, trio, click, pyroute2, prometheus_client, "
+                   "_cffi_backend as b; print(*(m.__file__ for m in (vhostd._native, trio, click, pyroute2, "
+                   "prometheus_client, b)))"]).stdout.split()
+    assert all(f.startswith("/usr/lib/python3/dist-packages/") for f in files), files
+    c.run(["dpkg", "-S", *files])
+    assert c.run(["python3", "-m", "pip", "--version"], check=False).returncode != 0
+    assert c.run(["find", "/usr/local/bin", "/usr/local/lib", "-mindepth", "1", "-not", "-type", "d"]).stdout == ""
+    from vhostd import __version__
+    assert c.run(["vhostd", "--version"]).stdout == f"vhostd {__version__}\n"
+    assert "path=/usr/bin/vhostd" in c.show("vhostd.service", "ExecStart")
+    assert c.show("vhostd.service", "FragmentPath") == "/lib/systemd/system/vhostd.service"
+    assert c.show("vhostd.service", "UnitFileState") == "enabled"          # dh_installsystemd's default
+    assert c.show("vhostd@disk0.socket", "UnitFileState") == "enabled"     # the README's configuration
+
+
+def test_apt_remove_stops_every_unit_and_leaves_no_process(box: Container) -> None:
+    c = box
+    c.run(["systemctl", "start", "vhostd.service"])
+    _blk_io(c.path("/run/vhostd/tdisk.sock"), 6, b"u" * 512)          # socket-activates vhostd-blk@tdisk
+    assert c.show("vhostd-blk@tdisk.service", "ActiveState") == "active"
+    running = _vhostd_processes(c)
+    assert any("vhostd serve" in p for p in running) and any("vhostd blk" in p for p in running), running
+    c.run(["apt", "remove", "vhostd"], timeout=120)
+    assert not _active_units(c)
+    assert not _vhostd_processes(c)
+    for name in ("disk0", "net0", "tdisk", "tnet", "control"):
+        assert not _listens(c.path(f"/run/vhostd/{name}.sock")), name
+    assert c.run(["ip", "link", "show", "vtap-net0"], check=False).returncode != 0   # vhostd's tap, removed
+    # Configuration and group stay until purge.
+    assert c.path("/etc/vhostd/vhostd.toml").exists()
+    c.run(["getent", "group", "vhostd"])
+
+
+def test_apt_purge_removes_the_group_and_configuration(box: Container) -> None:
+    c = box
+    wants = c.path("/etc/systemd/system/sockets.target.wants")
+    assert os.path.islink(wants / "vhostd@disk0.socket")
+    c.run(["apt", "purge", "vhostd"], timeout=120)
+    assert c.run(["dpkg", "-s", "vhostd"], check=False).returncode != 0
+    assert c.run(["getent", "group", "vhostd"], check=False).returncode == 2
+    assert not c.path("/etc/vhostd").exists()
+    links = [f"{d}/{f}" for d in os.listdir(c.path("/etc/systemd/system")) if d.endswith(".wants")
+             for f in os.listdir(c.path(f"/etc/systemd/system/{d}")) if "vhostd" in f]
+    assert not links
+    assert c.path("/var/lib/vhostd/disk0.img").exists()                 # data: kept
+    assert not _vhostd_processes(c) and not _active_units(c)
+
+
+def test_readme_pip_install_serves_a_socket_activated_disk(box: Container, tmp_path: Path) -> None:
+    """The README's other install, in the same (purged) container: wheels in
+    a venv, the units of systemd/ (naming /usr/local/bin) in /etc."""
+    c = box
+    inst = c.root / "root/vhostd"        # the overlay, as mounted on the host (not through /proc)
+    _build_wheels(inst / "wheels", tmp_path)
+    shutil.copytree(ROOT / "systemd", inst / "systemd")
+    for line in _readme_block("install"):
+        c.sh(f"cd /root/vhostd && {line}", timeout=300)
+    assert c.show("vhostd.service", "FragmentPath") == "/etc/systemd/system/vhostd.service"
+    assert "path=/usr/local/bin/vhostd" in c.show("vhostd.service", "ExecStart")
+    assert c.show("vhostd.service", "ActiveState") == "inactive"
+    _blk_io(c.path("/run/vhostd/disk0.sock"), 7, b"p" * 4096)          # starts vhostd.service
+    assert c.show("vhostd.service", "ActiveState") == "active"
+    assert _file_at(c.path("/var/lib/vhostd/disk0.img"), 7 * 512, 4096) == b"p" * 4096
+    assert {d["name"] for d in _status(c)["devices"]} == {"disk0", "net0"}
+    assert "/opt/vhostd/bin/python" in "".join(_vhostd_processes(c))
+    c.run(["systemctl", "stop", "vhostd@disk0.socket", "vhostd@net0.socket", "vhostd.service"])
+    bad = [line for line in c.journal().splitlines() if "Traceback" in line or "Exception Group" in line]
     assert not bad, "\n".join(bad)
