@@ -73,7 +73,8 @@ class Serve:
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, "-m", "vhostd", "--log-level", "info", "serve", "--config", str(self.cfg)],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=limit)
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=limit if nofile is not None else None)
         deadline = time.monotonic() + 30
         while not self.control.exists():
             assert self.proc.poll() is None, f"vhostd exited with {self.proc.returncode}:\n{self.log()}"
@@ -511,11 +512,10 @@ def test_256_devices_start_fast_answer_status_fast_idle_at_zero_cpu(
         serve: Callable[..., Serve], loads: list[Load]) -> None:
     """256 devices (128 blk with 2 queues, 128 null net), 2 workers, the daemon under the
     soft fd limit systemd gives services (1024; it must raise it itself)."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 8192:
         missing(f"RLIMIT_NOFILE hard limit {hard} < 8192")
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft < 8192:   # this process holds the 256 front-ends
+    if soft < 8192:   # this process holds the 256 front-ends (until the loads fixture closes them)
         resource.setrlimit(resource.RLIMIT_NOFILE, (8192, hard))
     s = serve(256, workers=2, nofile=1024)
     startup = s.startup_s
