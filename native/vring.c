@@ -510,9 +510,13 @@ int vhd_vring_enable_notify(vhd_vring *vr)
  * worker must still see its stop request.  After this many chains in one
  * call the loop returns with vr->more set, and the worker comes back to
  * it after checking for stop (without sleeping). */
+/* One turn: four rings' worth for small rings (a turn then drains a ring
+ * and its re-pops), one ring's worth past 1024 entries, so that a flooded
+ * large ring holds a shared worker no longer than its neighbours need. */
 bool vhd_vring_over_budget(vhd_vring *vr, int done)
 {
-    if ((uint32_t)done < 4 * vr->num)
+    uint32_t budget = vr->num <= 256 ? 4 * vr->num : (vr->num > 1024 ? vr->num : 1024);
+    if ((uint32_t)done < budget)
         return false;
     vr->more = true;
     return true;
