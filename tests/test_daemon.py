@@ -269,3 +269,27 @@ def test_prometheus_metrics_and_top_follow_io(tmp_path: Path) -> None:
                              check=True, capture_output=True, text=True).stdout
         assert "req/s" in out and re.search(r"^a\s+0\s", out, re.M), out
         fe.close()
+
+
+def test_a_device_survives_running_out_of_fds_at_accept(tmp_path: Path) -> None:
+    """EMFILE at accept() is logged and retried: the front-end waits in the
+    backlog and is served once fds are free again; the device does not fail."""
+    from vhd_helpers import Daemon
+    d = Daemon()
+    try:
+        used = d.fd_count()
+        hard = subprocess.run(["prlimit", f"--pid={d.pid}", "--nofile", "--noheadings", "--output=HARD"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["prlimit", f"--pid={d.pid}", f"--nofile={used}:"], check=True)   # the soft limit only
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(d.sock))              # queued in the backlog; accept() fails
+        d.wait_log("blk0: cannot accept a front-end: Too many open files (retrying in 1 s)")
+        subprocess.run(["prlimit", f"--pid={d.pid}", f"--nofile={hard}:"], check=True)
+        s.close()
+        fe = d.connect(timeout=10)
+        assert fe.get_u64(Request.GET_QUEUE_NUM) == 1
+        fe.close()
+        assert d.alive and "device failed" not in d.log()
+    finally:
+        d.stop()
+        d.cleanup()

@@ -146,7 +146,17 @@ class DeviceServer:
         assert self.listener.sock is not None
         async with trio.open_nursery() as nursery:
             while True:
-                conn, _ = await self.listener.sock.accept()
+                try:
+                    conn, _ = await self.listener.sock.accept()
+                except OSError as e:
+                    if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        raise
+                    # Out of fds or memory for now: the front-end waits in the
+                    # backlog; the device must not die of it.
+                    log.error("%s: cannot accept a front-end: %s (retrying in 1 s)", self.device.name,
+                              e.strerror)
+                    await trio.sleep(1)
+                    continue
                 if self.session is not None and (self.session.closing or _hung_up(self._conn)):
                     # The previous front-end just left (QEMU reconnecting): let
                     # its session finish releasing the device first.
