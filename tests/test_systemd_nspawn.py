@@ -591,10 +591,28 @@ def test_the_package_and_its_dependencies_came_from_debian(box: Container) -> No
     assert c.show("vhostd@disk0.socket", "UnitFileState") == "enabled"     # the README's configuration
 
 
+def test_reinstall_as_an_upgrade_restarts_the_services_and_keeps_the_configuration(box: Container) -> None:
+    c = box
+    c.run(["systemctl", "start", "vhostd.service"])
+    _blk_io(c.path("/run/vhostd/tdisk.sock"), 6, b"v" * 512)          # socket-activates vhostd-blk@tdisk
+    before = {u: c.show(u, "MainPID") for u in ("vhostd.service", "vhostd-blk@tdisk.service")}
+    config = c.path(CONFIG).read_text()
+    assert "[devices.disk0]" in config
+    c.run(["sh", "-c", "cd /root/vhostd && apt install --reinstall ./vhostd_*.deb"], timeout=120)
+    for unit, pid in before.items():       # postinst: restart, and try-restart of the instances
+        assert c.show(unit, "ActiveState") == "active", unit
+        assert c.show(unit, "MainPID") not in (pid, "0"), unit
+    assert c.path(CONFIG).read_text() == config                          # the edited conffile kept
+    for sock in ("vhostd@disk0.socket", "vhostd@net0.socket", "vhostd-blk@tdisk.socket"):
+        assert c.show(sock, "ActiveState") == "active", sock
+    _blk_io(c.path("/run/vhostd/disk0.sock"), 8, b"w" * 512)
+    _blk_io(c.path("/run/vhostd/tdisk.sock"), 8, b"w" * 512)
+
+
 def test_apt_remove_stops_every_unit_and_leaves_no_process(box: Container) -> None:
     c = box
     c.run(["systemctl", "start", "vhostd.service"])
-    _blk_io(c.path("/run/vhostd/tdisk.sock"), 6, b"u" * 512)          # socket-activates vhostd-blk@tdisk
+    _blk_io(c.path("/run/vhostd/tdisk.sock"), 6, b"u" * 512)          # socket-activates vhostd-blk@tdisk if needed
     assert c.show("vhostd-blk@tdisk.service", "ActiveState") == "active"
     running = _vhostd_processes(c)
     assert any("vhostd serve" in p for p in running) and any("vhostd blk" in p for p in running), running
