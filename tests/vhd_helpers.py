@@ -33,6 +33,7 @@ from vhostd.frontend import (
     Frontend,
     GuestRam,
     RamRegion,
+    make_ring,
 )
 from vhostd.native import MemTable, NativeBlk, NativeBlkQueue, NativeLog, NativeVring
 from vhostd.protocol.constants import Request
@@ -167,14 +168,15 @@ class Rig:
     def __init__(self, workdir: Path, *, region_sizes: tuple[int, ...] = (1 << 16, 1 << 16),
                  num: int = 16, event_idx: bool = False, indirect: bool = True,
                  sectors: int = 256, readonly: bool = False, serial: bytes = b"SER123",
-                 last_avail_idx: int = 0, guarded: bool = False) -> None:
+                 last_avail_idx: int | None = None, guarded: bool = False, packed: bool = False) -> None:
         self.ram: GuestRam = GuardedRam(list(region_sizes)) if guarded else GuestRam(list(region_sizes))
         offset = self.ram.mem_offset() if guarded else 0  # type: ignore[attr-defined]
         self.mem = MemTable()
         for r in self.ram.regions:
             self.mem.add(r.fd, r.gpa, r.size, r.uva, offset)
         self.num = num
-        self.ring = DriverRing(self.ram, 0, num, event_idx)
+        self.packed = packed
+        self.ring = make_ring(self.ram, 0, num, event_idx, packed)
         self.event_idx = event_idx
         self.indirect = indirect
         self.sectors = sectors
@@ -186,14 +188,20 @@ class Rig:
         self.vring = NativeVring()
         self.setup(last_avail_idx)
 
-    def setup(self, last_avail_idx: int = 0, log: NativeLog | None = None,
-              log_used_gpa: int | None = None) -> None:
+    def setup(self, last_avail_idx: int | None = None, log: NativeLog | None = None,
+              log_used_gpa: int | None = None, used_base: int | None = None,
+              inflight: object = None) -> None:
+        """last_avail_idx / used_base: default a new ring's (packed: wrap counters 1)."""
         ram, ring = self.ram, self.ring
+        base = ring.initial_base
         self.vring.setup(self.mem, num=self.num, desc=ram.gpa_to_uva(ring.desc),
                          avail=ram.gpa_to_uva(ring.avail), used=ram.gpa_to_uva(ring.used),
-                         last_avail_idx=last_avail_idx, event_idx=self.event_idx,
+                         last_avail_idx=base & 0xFFFF if last_avail_idx is None else last_avail_idx,
+                         event_idx=self.event_idx,
                          indirect=self.indirect, call_fd=ring.call_fd, err_fd=ring.err_fd,
-                         log=log, log_used_gpa=log_used_gpa)
+                         log=log, log_used_gpa=log_used_gpa, packed=self.packed,
+                         used_base=base >> 16 if used_base is None else used_base,
+                         **({"inflight": inflight} if inflight is not None else {}))
 
     # --- driving --------------------------------------------------------------
 
