@@ -478,7 +478,9 @@ def setup_raw(rig: Rig, **over: int) -> None:
     args.update(over)
     v = NativeVring()
     try:
-        v.setup(rig.mem, event_idx=True, indirect=True, call_fd=-1, err_fd=-1, packed=True, **args)
+        v.setup(rig.mem, num=args["num"], desc=args["desc"], avail=args["avail"], used=args["used"],
+                last_avail_idx=args["last_avail_idx"], used_base=args["used_base"],
+                event_idx=True, indirect=True, call_fd=-1, err_fd=-1, packed=True)
         assert v.packed
         return
     finally:

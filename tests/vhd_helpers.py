@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vhostd._native import ffi, lib
 from vhostd.frontend import (
@@ -190,7 +191,7 @@ class Rig:
 
     def setup(self, last_avail_idx: int | None = None, log: NativeLog | None = None,
               log_used_gpa: int | None = None, used_base: int | None = None,
-              inflight: object = None) -> None:
+              inflight: Any = None) -> None:
         """last_avail_idx / used_base: default a new ring's (packed: wrap counters 1)."""
         ram, ring = self.ram, self.ring
         base = ring.initial_base
@@ -201,7 +202,7 @@ class Rig:
                          indirect=self.indirect, call_fd=ring.call_fd, err_fd=ring.err_fd,
                          log=log, log_used_gpa=log_used_gpa, packed=self.packed,
                          used_base=base >> 16 if used_base is None else used_base,
-                         **({"inflight": inflight} if inflight is not None else {}))
+                         inflight=ffi.NULL if inflight is None else inflight)
 
     # --- driving --------------------------------------------------------------
 
@@ -406,10 +407,11 @@ class Attached:
 
 def attach(daemon: Daemon, *, want: int = ~0, protocol_want: int = ~0, queues: int = 1,
            num: int = 64, event_idx: bool | None = None, enable: bool = True,
-           ram_sizes: tuple[int, ...] = (1 << 20, 1 << 20)) -> Attached:
+           ram_sizes: tuple[int, ...] = (1 << 20, 1 << 20), packed: bool = False) -> Attached:
+    """packed: negotiate VIRTIO_F_RING_PACKED and lay out packed rings."""
     from vhostd.protocol.constants import VirtioFeature, bit
     fe = daemon.connect()
-    features, proto = fe.negotiate(want, protocol_want)
+    features, proto = fe.negotiate(want, protocol_want, packed=packed)
     ram = GuestRam(list(ram_sizes))
     fe.set_mem_table(ram)
     if event_idx is None:
@@ -417,7 +419,7 @@ def attach(daemon: Daemon, *, want: int = ~0, protocol_want: int = ~0, queues: i
     with_pf = bool(features & bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES))
     rings = []
     for i in range(queues):
-        ring = DriverRing(ram, i, num, event_idx=event_idx)
+        ring = make_ring(ram, i, num, event_idx=event_idx, packed=packed)
         fe.start_ring(ring, enable=enable, protocol_features=with_pf)
         rings.append(ring)
     return Attached(fe, ram, rings, features, proto)

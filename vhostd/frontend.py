@@ -305,7 +305,8 @@ class PackedDriverRing(DriverRing):
 
     def read_desc(self, i: int) -> tuple[int, int, int, int]:
         """(addr, len, id, flags) at ring position i."""
-        return struct.unpack("<QIHH", self.ram.read(self.desc + 16 * i, 16))  # type: ignore[no-any-return]
+        addr, length, id_, flags = struct.unpack("<QIHH", self.ram.read(self.desc + 16 * i, 16))
+        return addr, length, id_, flags
 
     def set_desc_flags(self, i: int, flags: int) -> None:
         self.ram.write(self.desc + 16 * i + 14, struct.pack("<H", flags))
@@ -377,7 +378,8 @@ class PackedDriverRing(DriverRing):
 
     def device_event(self) -> tuple[int, int]:
         """(off_wrap, flags) of the device area."""
-        return struct.unpack("<HH", self.ram.read(self.used, 4))  # type: ignore[no-any-return]
+        off_wrap, flags = struct.unpack("<HH", self.ram.read(self.used, 4))
+        return off_wrap, flags
 
     def _used_at(self, pos: int, wrap: bool) -> bool:
         flags = self.read_desc(pos)[3]
@@ -507,9 +509,13 @@ class Frontend:
 
     # --- the usual QEMU sequence ------------------------------------------
 
-    def negotiate(self, want: int, protocol_want: int) -> tuple[int, int]:
+    def negotiate(self, want: int, protocol_want: int, packed: bool = False) -> tuple[int, int]:
+        """Acks offered & want; VIRTIO_F_RING_PACKED only with packed (the
+        rings are then PackedDriverRings): want=~0 means split rings."""
         offered = self.get_u64(Request.GET_FEATURES)
         features = offered & want
+        if not packed:
+            features &= ~bit(VirtioFeature.RING_PACKED)
         proto = 0
         if offered & bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
             proto = self.get_u64(Request.GET_PROTOCOL_FEATURES) & protocol_want
