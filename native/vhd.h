@@ -134,6 +134,7 @@ _Static_assert(offsetof(struct vhd_inflight_region_packed, desc) == 32, "QueueRe
 /* Pops net RX may give back (vhd_vring_unpop) on a packed ring: one frame's
  * chains (1 + MAX_MERGE in net.c). */
 #define VHD_PACKED_UNPOP_MAX 128
+#define VHD_PACKED_PUSHED (1u << 31)
 
 struct vhd_pop_rec {
     uint16_t pos;             /* last_avail_idx before the pop */
@@ -152,7 +153,9 @@ struct vhd_packed {
     uint32_t batch_n;                    /* used descriptors pushed since the last flush */
     uint16_t batch_pos;                  /* the first of them: its flags are stored at flush */
     uint16_t batch_flags;
-    uint16_t *id_ndesc;                  /* per buffer id: ring descriptors of its chain in flight, 0: free */
+    uint32_t *id_ndesc;                  /* per buffer id: ring descriptors of its chain in flight, 0: free;
+                                          * | VHD_PACKED_PUSHED once used, until the batch is published */
+    uint16_t *batch_ids;                 /* ids pushed since the last flush */
     uint16_t *id_entry;                  /* per buffer id: inflight region head entry */
     struct vhd_inflight_region_packed *inflight;
     uint32_t hist_n, hist_head;          /* last pops, for unpop */

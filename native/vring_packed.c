@@ -82,6 +82,7 @@ void vhd_packed_release(vhd_vring *vr)
         return;
     free(vr->pk->id_ndesc);
     free(vr->pk->id_entry);
+    free(vr->pk->batch_ids);
     free(vr->pk);
     vr->pk = NULL;
 }
@@ -113,12 +114,14 @@ int vhd_packed_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_c
     bool bad_layout = vhd_ranges_overlap(cfg->used_uva, 4, cfg->desc_uva, 16 * n) ||
                       vhd_ranges_overlap(cfg->used_uva, 4, cfg->avail_uva, 4);
     struct vhd_packed *pk = calloc(1, sizeof(*pk));
-    uint16_t *id_ndesc = calloc(n, sizeof(uint16_t));
+    uint32_t *id_ndesc = calloc(n, sizeof(uint32_t));
     uint16_t *id_entry = calloc(n, sizeof(uint16_t));
-    if (!pk || !id_ndesc || !id_entry) {
+    uint16_t *batch_ids = calloc(n, sizeof(uint16_t));
+    if (!pk || !id_ndesc || !id_entry || !batch_ids) {
         free(pk);
         free(id_ndesc);
         free(id_entry);
+        free(batch_ids);
         return -ENOMEM;
     }
     vhd_vring_reset(vr, mem);
@@ -126,6 +129,7 @@ int vhd_packed_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_c
     vr->pk = pk;
     pk->id_ndesc = id_ndesc;
     pk->id_entry = id_entry;
+    pk->batch_ids = batch_ids;
     pk->desc = desc;
     pk->driver = driver;
     pk->device = device;
@@ -249,14 +253,16 @@ static int fail(vhd_vring *vr, int rc)
     return rc;
 }
 
-/* The buffer id of a chain of ndesc ring descriptors becomes in flight. */
+/* The buffer id of a chain of ndesc ring descriptors becomes in flight.
+ * An id stays taken until the driver can have seen it used (the batch is
+ * published): a driver cannot know before that it may reuse it. */
 static int claim_id(vhd_vring *vr, uint16_t id, uint32_t ndesc)
 {
     if (id >= vr->num)
         return VHD_ERR_HEAD;
     if (vr->pk->id_ndesc[id])
         return VHD_ERR_ID;
-    vr->pk->id_ndesc[id] = (uint16_t)ndesc;
+    vr->pk->id_ndesc[id] = ndesc;
     return 0;
 }
 
@@ -403,22 +409,23 @@ static inline void log_desc(vhd_vring *vr, const void *p, size_t len)
 void vhd_packed_push(vhd_vring *vr, uint16_t id, uint32_t len)
 {
     struct vhd_packed *pk = vr->pk;
-    if (id >= vr->num || pk->id_ndesc[id] == 0)
+    if (id >= vr->num || pk->id_ndesc[id] == 0 || (pk->id_ndesc[id] & VHD_PACKED_PUSHED))
         return;    /* not in flight: a device bug, never the guest's doing */
     uint16_t pos = (uint16_t)vr->used_idx;
     struct vring_packed_desc *d = &pk->desc[pos];
     __atomic_store_n(&d->id, id, __ATOMIC_RELAXED);
     __atomic_store_n(&d->len, len, __ATOMIC_RELAXED);
     uint16_t flags = used_flags(pk->used_wrap);
-    if (pk->batch_n++ == 0) {
+    if (pk->batch_n == 0) {
         pk->batch_pos = pos;         /* its flags go last, at flush */
         pk->batch_flags = flags;
     } else {
         __atomic_store_n(&d->flags, flags, __ATOMIC_RELAXED);
     }
+    pk->batch_ids[pk->batch_n++] = id;
     log_desc(vr, d, sizeof(*d));
     uint32_t next = pos + pk->id_ndesc[id];
-    pk->id_ndesc[id] = 0;
+    pk->id_ndesc[id] |= VHD_PACKED_PUSHED;
     if (next >= vr->num) {
         next -= vr->num;
         pk->used_wrap = !pk->used_wrap;
@@ -500,6 +507,8 @@ void vhd_packed_flush(vhd_vring *vr)
     log_desc(vr, &first->flags, sizeof(first->flags));
     if (pk->inflight)
         inflight_complete_end(vr);
+    for (uint32_t i = 0; i < pk->batch_n; i++)
+        pk->id_ndesc[pk->batch_ids[i]] = 0;     /* the driver may reuse them now */
     pk->batch_n = 0;
     vr->published_idx = vr->used_idx;
     vr->stats.batches++;
@@ -514,6 +523,8 @@ void vhd_packed_flush(vhd_vring *vr)
 static void set_device_event(vhd_vring *vr, uint16_t flags)
 {
     struct vhd_packed *pk = vr->pk;
+    if (vr->stats.broken)
+        return;    /* a broken ring is left alone (its layout may be why) */
     if (pk->device_flags == flags && flags != VRING_PACKED_EVENT_F_DESC)
         return;
     if (flags == VRING_PACKED_EVENT_F_DESC) {
@@ -619,6 +630,7 @@ static int inflight_setup(vhd_vring *vr, struct vhd_inflight_region_packed *reg,
         i = reg->desc[i].next;
     }
     uint64_t max_counter = 0, total = 0;
+    bool consistent = true;
     for (uint32_t e = 0; e < num; e++) {
         if (free_entry[e] || reg->desc[e].inflight != 1)
             continue;
@@ -626,6 +638,18 @@ static int inflight_setup(vhd_vring *vr, struct vhd_inflight_region_packed *reg,
         total += reg->desc[e].num;
         if (reg->desc[e].counter > max_counter)
             max_counter = reg->desc[e].counter;
+        /* Its entries: 1..num of them, none free or another chain's. */
+        uint16_t n = reg->desc[e].num, cur = (uint16_t)e, last = cur;
+        consistent &= n >= 1 && n <= num;
+        for (uint16_t k = 0; consistent && k < n; k++) {
+            consistent = cur < num && free_entry[cur] != 1 && free_entry[cur] != 2;
+            if (consistent) {
+                free_entry[cur] = 2;
+                last = cur;
+                cur = reg->desc[cur].next;
+            }
+        }
+        reg->desc[e].last = last;     /* where its completion links the free list on */
     }
     free(free_entry);
     qsort_r(vr->resubmit, vr->n_resubmit, sizeof(uint16_t), cmp_counter, reg->desc);
@@ -634,7 +658,7 @@ static int inflight_setup(vhd_vring *vr, struct vhd_inflight_region_packed *reg,
     pk->used_wrap = reg->used_wrap_counter;
     vr->published_idx = vr->used_idx;
     vr->stats.resubmitted += vr->n_resubmit;
-    if (total > num) {
+    if (total > num || !consistent) {
         vhd_vring_set_broken(vr, VHD_ERR_INFLIGHT);
         return 0;
     }

@@ -532,3 +532,18 @@ def test_status_byte_and_used_length(rig: Rig) -> None:
     assert_ok(rig, req, SECTOR + 1)
     assert rig.status_of(req) == VIRTIO_BLK_S_OK
     assert rig.vring.base == (3 | 1 << 15) | (3 | 1 << 15) << 16
+
+
+def test_buffer_id_reused_before_its_completion_is_published(rig: Rig) -> None:
+    """The driver cannot have seen a pushed but unpublished completion: a
+    chain reusing that id breaks the ring (found by fuzz_vring_packed, where
+    it left an inflight entry marked in flight)."""
+    for _ in range(2):
+        h, st = head_request(rig, VIRTIO_BLK_T_FLUSH)
+        raw(rig, [(h, 16, N, 3), (st, 1, W, 3)])
+    assert rig.pop() == lib.VHD_POP_OK
+    lib.vhd_vring_push(rig.vring.ptr, 3, 1)
+    assert rig.pop() == lib.VHD_ERR_ID
+    lib.vhd_vring_flush(rig.vring.ptr)
+    assert rig.ring.take_used() == [(3, 1)]
+    assert rig.broken == lib.VHD_ERR_ID
