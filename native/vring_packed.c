@@ -312,6 +312,8 @@ int vhd_packed_pop(vhd_vring *vr, struct vhd_chain *c)
             if (cursor >= vr->num)
                 return fail(vr, VHD_ERR_INFLIGHT);
             struct vhd_inflight_desc_packed *e = &reg->desc[cursor];
+            if (ndesc > 1)
+                e->inflight = 0;
             e->addr = d.addr;
             e->len = d.len;
             e->id = d.id;
@@ -645,6 +647,10 @@ static int inflight_setup(vhd_vring *vr, struct vhd_inflight_region_packed *reg,
             consistent = cur < num && free_entry[cur] != 1 && free_entry[cur] != 2;
             if (consistent) {
                 free_entry[cur] = 2;
+                /* Only heads carry the mark: a stale one on a member would
+                 * outlive the chain's completion (it frees the head's only). */
+                if (k > 0)
+                    __atomic_store_n(&reg->desc[cur].inflight, 0, __ATOMIC_RELAXED);
                 last = cur;
                 cur = reg->desc[cur].next;
             }
