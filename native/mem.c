@@ -82,7 +82,9 @@ static int insert(vhd_mem *mem, const struct vhd_mem_region *r)
             at = i;
     }
     memmove(&mem->regions[at + 1], &mem->regions[at], (mem->nregions - at) * sizeof(mem->regions[0]));
+    memmove(&mem->gpa_start[at + 1], &mem->gpa_start[at], (mem->nregions - at) * sizeof(mem->gpa_start[0]));
     mem->regions[at] = *r;
+    mem->gpa_start[at] = r->gpa;
     mem->nregions++;
     /* by_hva: indexes shift past at; then r's goes in hva order. */
     uint32_t n = 0;
@@ -143,15 +145,16 @@ static const struct vhd_mem_region *region_of(const vhd_mem *mem, uint64_t gpa)
         }
         return NULL;
     }
-    /* The last region starting at or below gpa is the only candidate. */
-    uint32_t lo = 0, hi = n;
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        if (mem->regions[mid].gpa <= gpa)
-            lo = mid + 1;
-        else
-            hi = mid;
+    /* The last region starting at or below gpa is the only candidate.  The
+     * search has no data-dependent branch (the compiler's cmov): with buffers
+     * spread over many regions a branchy one mispredicts at every level. */
+    const uint64_t *base = mem->gpa_start;
+    for (uint32_t len = n; len > 1;) {
+        uint32_t half = len / 2;
+        base = base[half] <= gpa ? base + half : base;
+        len -= half;
     }
+    uint32_t lo = (uint32_t)(base - mem->gpa_start) + (*base <= gpa);
     if (lo == 0)
         return NULL;
     const struct vhd_mem_region *r = &mem->regions[lo - 1];

@@ -25,6 +25,7 @@ struct vhd_mem_region {
 struct vhd_mem {
     uint32_t nregions;
     struct vhd_mem_region regions[VHD_MAX_MEM_REGIONS];   /* sorted by gpa */
+    uint64_t gpa_start[VHD_MAX_MEM_REGIONS];              /* regions[i].gpa, dense for the search */
     uint16_t by_hva[VHD_MAX_MEM_REGIONS];                 /* indexes, sorted by hva */
 };
 
@@ -234,6 +235,7 @@ int vhd_mem_hva_to_gpa(const vhd_mem *mem, const void *hva, uint64_t *gpa, uint6
 /* vring_packed.c: the packed implementations of the vhd_vring_* entry
  * points (vring.c chooses once per call on vr->packed; devices never do). */
 int vhd_packed_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_config *cfg);
+void vhd_vring_take_options(vhd_vring *vr, const struct vhd_vring_config *cfg);
 int vhd_packed_set_mem(vhd_vring *vr, const vhd_mem *mem);
 void vhd_packed_release(vhd_vring *vr);
 int vhd_packed_pop(vhd_vring *vr, struct vhd_chain *c);

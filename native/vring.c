@@ -41,6 +41,19 @@ static void free_inflight_lists(vhd_vring *vr)
     vr->n_unpublished = vr->n_resubmit = vr->resubmit_pos = 0;
 }
 
+/* The settings both layouts take from SET_VRING_* as they are. */
+void vhd_vring_take_options(vhd_vring *vr, const struct vhd_vring_config *cfg)
+{
+    vr->event_idx = cfg->event_idx != 0;
+    vr->indirect = cfg->indirect != 0;
+    vr->call_fd = cfg->call_fd;
+    vr->err_fd = cfg->err_fd;
+    vr->broken_fd = cfg->broken_fd;
+    vr->log = cfg->log;
+    vr->log_used = cfg->log != NULL && cfg->log_used;
+    vr->log_used_gpa = cfg->log_used_gpa;
+}
+
 void vhd_vring_free(vhd_vring *vr)
 {
     if (vr) {
@@ -165,14 +178,7 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     /* The used index in guest memory is the truth after a reconnect. */
     vr->used_idx = vhd_load16(&vr->used->idx);
     vr->published_idx = vr->used_idx;
-    vr->event_idx = cfg->event_idx != 0;
-    vr->indirect = cfg->indirect != 0;
-    vr->call_fd = cfg->call_fd;
-    vr->err_fd = cfg->err_fd;
-    vr->broken_fd = cfg->broken_fd;
-    vr->log = cfg->log;
-    vr->log_used = cfg->log != NULL && cfg->log_used;
-    vr->log_used_gpa = cfg->log_used_gpa;
+    vhd_vring_take_options(vr, cfg);
     if (bad_layout) {
         vhd_vring_set_broken(vr, VHD_ERR_LAYOUT);   /* the guest's doing: NEEDS_RESET, not a protocol error */
         return 0;

@@ -145,14 +145,7 @@ int vhd_packed_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_c
     vr->used_idx = used_pos;
     pk->used_wrap = cfg->used_base >> 15;
     vr->published_idx = vr->used_idx;
-    vr->event_idx = cfg->event_idx != 0;
-    vr->indirect = cfg->indirect != 0;
-    vr->call_fd = cfg->call_fd;
-    vr->err_fd = cfg->err_fd;
-    vr->broken_fd = cfg->broken_fd;
-    vr->log = cfg->log;
-    vr->log_used = cfg->log != NULL && cfg->log_used;
-    vr->log_used_gpa = cfg->log_used_gpa;
+    vhd_vring_take_options(vr, cfg);
     if (bad_layout) {
         vhd_vring_set_broken(vr, VHD_ERR_LAYOUT);
         return 0;

@@ -18,10 +18,7 @@ broken iff its err eventfd was signalled.
 from __future__ import annotations
 
 import random
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,7 @@ from hypothesis import strategies as st
 
 from test_vring_model import (
     ARENA, BASE, END, LENS, NUM, REGION, SECTORS, SERIAL, SPECIAL_ADDRS, U64, Chain, Err, Model,
-    header_bytes, inside_one, plausible_chain, segments,
+    header_bytes, inside_one, plausible_chain, ram_bytes, segments, workdir,
 )
 from vhd_helpers import GuardedRam, Rig
 from vhostd._native import lib
@@ -122,17 +119,6 @@ def pdesc(spots: list[int]) -> st.SearchStrategy[tuple[int, int, int, int]]:
 def make_rig(workdir: Path, event_idx: bool, indirect: bool, readonly: bool) -> Rig:
     return Rig(workdir, region_sizes=(REGION, REGION), num=NUM, event_idx=event_idx, indirect=indirect,
                sectors=SECTORS, readonly=readonly, serial=SERIAL, guarded=True, packed=True)
-
-
-def ram_bytes(rig: Rig) -> bytearray:
-    return bytearray(b"".join(bytes(r.map) for r in rig.ram.regions))
-
-
-@pytest.fixture(scope="module")
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="vhd-pmodel-"))
-    yield d
-    shutil.rmtree(d)
 
 
 # No shrinking: a failing example is reported as drawn (shrinking these runs
