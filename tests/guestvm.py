@@ -682,19 +682,21 @@ def start_guest(
 
 
 def vhost_user_blk_args(
-    socket: Path | str, *, num_queues: int = 1, chardev_id: str = "vub0", reconnect: int | None = None
+    socket: Path | str, *, num_queues: int = 1, chardev_id: str = "vub0", reconnect: int | None = None,
+    packed: bool = False,
 ) -> list[str]:
     """QEMU arguments for a vhost-user-blk-pci device (the guest sees /dev/vda) on `socket`.
 
     QEMU connects as the client, so the back-end must already listen unless `reconnect`
-    (seconds; QEMU 7.2 takes no reconnect-ms) is given.
+    (seconds; QEMU 7.2 takes no reconnect-ms) is given.  `packed`: packed virtqueues.
     """
     chardev = f"socket,id={chardev_id},path={socket}"
     if reconnect is not None:
         chardev += f",reconnect={reconnect}"
     return [
         "-chardev", chardev,
-        "-device", f"vhost-user-blk-pci,chardev={chardev_id},num-queues={num_queues}",
+        "-device", f"vhost-user-blk-pci,chardev={chardev_id},num-queues={num_queues}"
+                   + (",packed=on" if packed else ""),
     ]
 
 

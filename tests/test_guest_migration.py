@@ -203,8 +203,8 @@ def write_area_md5(image: Path) -> str:
         return hashlib.md5(f.read(WRITE_BLOCKS * 64 * 1024)).hexdigest()
 
 
-def blk_device(sock: Path, num_queues: int) -> list[str]:
-    return guestvm.vhost_user_blk_args(sock, num_queues=num_queues)
+def blk_device(sock: Path, num_queues: int, packed: bool = False) -> list[str]:
+    return guestvm.vhost_user_blk_args(sock, num_queues=num_queues, packed=packed)
 
 
 @dataclass
@@ -212,6 +212,7 @@ class Outcome:
     status: dict[str, Any]
     dst: guestvm.GuestResult
     src_log: str
+    dst_log: str
     logged_pages_seen: int       # the source's dirty log pages, from `vhostd status` mid-migration
 
 
@@ -234,7 +235,7 @@ def dirty_log_pages(ctl: Path, need_pages: bool, timeout: float = 60) -> int:
     raise AssertionError(f"the dirty log never showed pages: {dev}")
 
 
-def migrate_blk(disk: Disk, *, aio: str = "io_uring", num_queues: int = 1,
+def migrate_blk(disk: Disk, *, aio: str = "io_uring", num_queues: int = 1, packed: bool = False,
                 src_env: dict[str, str] | None = None) -> Outcome:
     tmp = disk.tmp
     mig, qmp_src, qmp_dst, ctl = tmp / "mig.sock", tmp / "qmp-src.sock", tmp / "qmp-dst.sock", tmp / "ctl.sock"
@@ -247,11 +248,11 @@ def migrate_blk(disk: Disk, *, aio: str = "io_uring", num_queues: int = 1,
     dst_d = vhostd_proc.blk(tmp, disk.image, *extra, name="dst")
     try:
         src = guestvm.start_guest(blk_script(disk.expected),
-                                  [*blk_device(tmp / "src.sock", num_queues), *qmp_args(qmp_src)],
+                                  [*blk_device(tmp / "src.sock", num_queues, packed), *qmp_args(qmp_src)],
                                   mem_mb=GUEST_MB, timeout=300, append=NO_ZEROING)
         with src:
             assert src.wait_for("MIGRATION-LOAD-START", 120), src.console
-            dst = destination(src, blk_device(tmp / "dst.sock", num_queues), qmp_dst, mig, tmp / "dst-qemu")
+            dst = destination(src, blk_device(tmp / "dst.sock", num_queues, packed), qmp_dst, mig, tmp / "dst-qemu")
             with dst, Qmp(qmp_src) as q:
                 start_migration(q, dst, qmp_dst, mig, downtime_ms=1)
                 hold_after_first_pass(q, HOLD_SECONDS)
@@ -267,7 +268,7 @@ def migrate_blk(disk: Disk, *, aio: str = "io_uring", num_queues: int = 1,
                     set_flag(disk.image, FLAG)
                     q.command("quit")
                 result = dst.result(timeout=240)
-        return Outcome(status, result, src_d.log(), pages)
+        return Outcome(status, result, src_d.log(), dst_d.log(), pages)
     finally:
         src_d.stop()
         dst_d.stop()
@@ -285,12 +286,18 @@ def check_blk_success(disk: Disk, out: Outcome) -> None:
     assert out.logged_pages_seen > 0
 
 
-@pytest.mark.parametrize("aio, num_queues", [("io_uring", 1), ("sync", 2)])
-def test_guest_on_a_vhostd_disk_migrates_under_read_write_load(disk: Disk, aio: str, num_queues: int) -> None:
-    out = migrate_blk(disk, aio=aio, num_queues=num_queues)
+@pytest.mark.parametrize("aio, num_queues, packed", [("io_uring", 1, False), ("sync", 2, False),
+                                                    ("io_uring", 2, True)],
+                         ids=["io_uring-1q", "sync-2q", "io_uring-2q-packed"])
+def test_guest_on_a_vhostd_disk_migrates_under_read_write_load(disk: Disk, aio: str, num_queues: int,
+                                                               packed: bool) -> None:
+    out = migrate_blk(disk, aio=aio, num_queues=num_queues, packed=packed)
     check_blk_success(disk, out)
+    # The guest's driver (not the firmware's) ran packed rings on both sides.
+    layouts = [set(re.findall(r"ring \d+ started \((packed|split),", log)) for log in (out.src_log, out.dst_log)]
+    assert all("packed" in found for found in layouts) is packed, layouts
     rounds = re.search(r"ROUNDS (\d+)", out.dst.console)
-    print(f"\nmigration {aio}/{num_queues}q: total {out.status.get('total-time')} ms, "
+    print(f"\nmigration {aio}/{num_queues}q{' packed' if packed else ''}: total {out.status.get('total-time')} ms, "
           f"downtime {out.status.get('downtime')} ms, {rounds[1] if rounds else '?'} rounds, "
           f"{out.logged_pages_seen} pages logged when first seen")
 
