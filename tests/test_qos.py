@@ -14,7 +14,7 @@ import pytest
 
 from vhostd.native import (QOS_BYTES, QOS_OPS, QOS_READ, QOS_WRITE, NativeError, NativeQos, QosGate,
                            QosLimit, qos_set_fake_clock)
-from tests.vhd_helpers import Rig
+from vhd_helpers import Rig
 
 S = 1_000_000_000
 T0 = 1000 * S       # a fake clock far from 0 (0 means "the real clock")
@@ -184,7 +184,10 @@ def rig(rig_factory: Callable[..., Rig]) -> Rig:
 def fake_clock() -> Iterator[Callable[[int], None]]:
     if not qos_set_fake_clock(T0):
         pytest.skip("needs the test build (VHOSTD_TEST_HOOKS=1)")
-    yield lambda ns: qos_set_fake_clock(ns) and None
+    def set_clock(ns: int) -> None:
+        qos_set_fake_clock(ns)
+
+    yield set_clock
     qos_set_fake_clock(0)
 
 

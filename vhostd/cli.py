@@ -381,10 +381,20 @@ def status(control_path: Path | None, as_json: bool) -> None:
 def top(control_path: Path | None, interval: float, count: int) -> None:
     """Per-ring request and byte rates, refreshed live."""
     prev: dict[tuple[str, int], dict[str, Any]] = {}
+    prev_throttled: dict[str, float] = {}
     n = 0
     while count == 0 or n < count:
         st = _request(control_path, "status")["status"]
-        rows = []
+        rows, qos_rows = [], []
+        for dev in st["devices"]:
+            q = dev.get("qos")
+            if q is None or not q["limits"]:
+                continue
+            was = prev_throttled.get(dev["name"])
+            share = (q["throttled_seconds"] - was) / interval if was is not None else 0.0
+            prev_throttled[dev["name"]] = q["throttled_seconds"]
+            limits = " ".join(f"{k}={v}" for k, v in q["limits"].items())
+            qos_rows.append(f"{dev['name']:<12} {100 * share:>10.0f}% {limits}")
         for dev in st["devices"]:
             for ring in dev.get("rings", []):
                 key = (dev["name"], ring["index"])
@@ -400,6 +410,10 @@ def top(control_path: Path | None, interval: float, count: int) -> None:
         click.echo(f"{'device':<12} {'ring':>4} {'req/s':>12} {'rd MiB/s':>10} {'wr MiB/s':>10} "
                    f"{'kicks/s':>9} {'calls/s':>9} {'errors':>7}")
         click.echo("\n".join(rows) if rows else "(no front-end attached)")
+        if qos_rows:
+            # throttled: ring-seconds held by a limit per second (rings of a device add up)
+            click.echo(f"\n{'device':<12} {'throttled':>11} limits")
+            click.echo("\n".join(qos_rows))
         n += 1
         if count == 0 or n < count:
             time.sleep(interval)
@@ -471,6 +485,40 @@ def resize(control_path: Path | None, device: str, size: str | None, shrink: boo
         click.echo(line)
 
 
+@main.command()
+@control_option
+@click.argument("device")
+@click.argument("settings", nargs=-1, metavar="[KEY=VALUE]...")
+def limit(control_path: Path | None, device: str, settings: tuple[str, ...]) -> None:
+    """Show or change a running device's QoS limits, e.g.
+    `vhostd limit disk0 total_iops_sec=2000 total_iops_sec_max=5000`
+    (0: unlimited; a grouped disk's limits are its group's).  They apply to
+    the running rings at once, without a reconnect; a refused value changes
+    nothing.  Keys: see README "QoS"."""
+    changes: dict[str, Any] = {}
+    for s in settings:
+        key, sep, value = s.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{s!r} is not KEY=VALUE", param_hint="SETTINGS")
+        if key == "group":
+            changes[key] = value or None
+            continue
+        try:
+            changes[key] = int(value)
+        except ValueError:
+            raise click.ClickException(f"{key}: {value!r} is not a whole number") from None
+    for line in _request(control_path, "limit", device=device, set=changes)["report"] or ["no change"]:
+        click.echo(line)
+
+
+def format_qos(q: dict[str, Any]) -> str:
+    limits = " ".join(f"{k}={v}" for k, v in q["limits"].items() if k != "group") or "unlimited"
+    rates = " ".join(f"{k}={v:g}/s" for k, v in q.get("rates", {}).items())
+    group = f" (group {q['group']}: {', '.join(q['group_members'])})" if q.get("group") else ""
+    return (f"  qos: {limits}{group}; throttled {q['throttled_seconds']:.3f} s "
+            f"({q['throttles']} times)" + (f"; now {rates}" if rates else ""))
+
+
 def format_status(st: dict[str, Any]) -> str:
     out = []
     for dev in st["devices"]:
@@ -493,6 +541,8 @@ def format_status(st: dict[str, Any]) -> str:
                 out.append(f"  {r['index']:>4} {r['size']:>6} {state:>8} {r['requests']:>12} "
                            f"{r['bytes_read']:>12} {r['bytes_written']:>12} {r['errors']:>7} "
                            f"{r['kicks']:>9} {r['calls']:>9}" + (f"  ({r['broken']})" if r["broken"] else ""))
+        if (q := dev.get("qos")) is not None:
+            out.append(format_qos(q))
         for k, v in dev.get("device", {}).items():
             if k != "queue_pairs":
                 out.append(f"  {k}: {v}")
