@@ -193,6 +193,9 @@ BACKENDS: dict[str, Callable[[Path, Path, int], list[str]]] = {
     "qsd-unmap-io_uring": _qsd(",discard=unmap,aio=io_uring"),
     # Not run by default.  vhostd's one-request-at-a-time engine, for comparison:
     "vhostd-sync": _vhostd("--aio", "sync"),
+    # QoS limits far above what the machine does: the cost of a gate on every
+    # request (one clock read and two bucket updates), against "vhostd".
+    "vhostd-limited": _vhostd("--limit", "total_iops_sec=1000000000", "--limit", "total_bytes_sec=1000000000000"),
     # Bounded busy-poll after each burst (lower latency at low queue depth).
     "vhostd-poll50": _vhostd("--poll-us", "50"),
     # O_DIRECT (QEMU's cache=none): the disk itself, no page cache; compare these among

@@ -29,6 +29,7 @@ from vhostd.daemon import RELOAD_REFUSED, Daemon, DaemonError
 from vhostd.devices.blk import MAX_QUEUES, Discard, Engine
 from vhostd.devices.net import MAX_QUEUE_PAIRS, parse_mac
 from vhostd.native import MAX_WORKERS
+from vhostd.qos import LimitError, Limits, parse_limits
 
 DEFAULT_IMAGE_SIZE = 1 << 30
 log = logging.getLogger("vhostd")
@@ -158,6 +159,31 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
         raise click.ClickException(str(e)) from None
 
 
+def _limits_option(f: Callable[..., None]) -> Callable[..., None]:
+    return click.option("--limit", "limits", multiple=True, metavar="KEY=VALUE",
+                         help="A QoS limit, as in [devices.X.limits] (repeat it; README \"QoS\"), "
+                              "e.g. --limit total_iops_sec=2000.")(f)
+
+
+def _parse_limits(kind: str, settings: tuple[str, ...]) -> Limits:
+    items: dict[str, Any] = {}
+    for s in settings:
+        key, sep, value = s.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{s!r} is not KEY=VALUE", param_hint="--limit")
+        if key == "group":
+            items[key] = value or None
+            continue
+        try:
+            items[key] = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{key}: {value!r} is not a whole number", param_hint="--limit") from None
+    try:
+        return parse_limits(kind, items)
+    except LimitError as e:
+        raise click.BadParameter(str(e), param_hint="--limit") from None
+
+
 @main.command()
 @endpoint_options
 @click.option("--file", "--blk-file", "file", type=click.Path(path_type=Path, dir_okay=False),
@@ -179,11 +205,13 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
 @click.option("--name", default="blk0", show_default=True, help="Device name used in logs.")
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
+@_limits_option
 @worker_options
 @daemon_options
 def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         file: Path | None, read_only: bool, num_queues: int, serial: str, engine: str, direct: bool,
-        discard: str, write_cache: bool, name: str, print_capabilities: bool, poll_us: int, cpus: str, workers: int | None,
+        discard: str, write_cache: bool, name: str, print_capabilities: bool, limits: tuple[str, ...],
+        poll_us: int, cpus: str, workers: int | None,
         control_socket: Path | None, metrics_listen: str | None, sandbox: bool | None) -> None:
     """Serve a virtio-blk device backed by FILE.
 
@@ -204,7 +232,7 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
     cfg = BlkConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=Workers(poll_us=poll_us), file=file, read_only=read_only,
                     num_queues=num_queues, serial=serial, aio=Engine(engine), direct=direct,
-                    discard=Discard(discard), write_cache=write_cache)
+                    discard=Discard(discard), write_cache=write_cache, limits=_parse_limits("blk", limits))
     _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen, sandbox))
 
 
@@ -223,11 +251,12 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
 @click.option("--name", default="net0", show_default=True, help="Device name used in logs.")
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
+@_limits_option
 @worker_options
 @daemon_options
 def net(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         tap: str | None, backend: str, bridge: str | None, mtu: int | None, mac: str | None,
-        queue_pairs: int, name: str, print_capabilities: bool, poll_us: int, cpus: str,
+        queue_pairs: int, name: str, print_capabilities: bool, limits: tuple[str, ...], poll_us: int, cpus: str,
         workers: int | None, control_socket: Path | None, metrics_listen: str | None,
         sandbox: bool | None) -> None:
     """Serve a virtio-net device whose frames go to and from a tap device.
@@ -250,7 +279,7 @@ def net(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
         raise click.BadParameter(str(e), param_hint="--mac") from None
     cfg = NetConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=Workers(poll_us=poll_us), tap=tap, backend=backend, bridge=bridge,
-                    mtu=mtu, mac=mac_bytes, queue_pairs=queue_pairs)
+                    mtu=mtu, mac=mac_bytes, queue_pairs=queue_pairs, limits=_parse_limits("net", limits))
     _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen, sandbox))
 
 
@@ -500,13 +529,11 @@ def limit(control_path: Path | None, device: str, settings: tuple[str, ...]) -> 
         key, sep, value = s.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{s!r} is not KEY=VALUE", param_hint="SETTINGS")
-        if key == "group":
-            changes[key] = value or None
-            continue
         try:
-            changes[key] = int(value)
+            changes[key] = value or None if key == "group" else int(value)
         except ValueError:
-            raise click.ClickException(f"{key}: {value!r} is not a whole number") from None
+            # the daemon names the key: `ten` reaches it as a string
+            changes[key] = value
     for line in _request(control_path, "limit", device=device, set=changes)["report"] or ["no change"]:
         click.echo(line)
 
