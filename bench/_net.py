@@ -272,13 +272,14 @@ class TestPmd:
 
 
 def frontend(sock: Path, mode: str, log_path: Path, queue_size: int,
-             extra: Sequence[str] = (), nice: int = 0) -> TestPmd:
+             extra: Sequence[str] = (), nice: int = 0, vdev_extra: str = "") -> TestPmd:
     """DPDK's virtio_user front-end (a guest driver without a VM) on CPU 1, root namespace.
 
     queue_size sizes the vrings, but testpmd still posts only --rxd/--txd buffers on them,
-    and without those options ethdev falls back to 512: both must be given.
+    and without those options ethdev falls back to 512: both must be given.  vdev_extra:
+    more virtio_user options (",packed_vq=1": packed rings).
     """
-    vdev = f"net_virtio_user0,path={sock},queue_size={queue_size}"
+    vdev = f"net_virtio_user0,path={sock},queue_size={queue_size}{vdev_extra}"
     return TestPmd(FRONTEND_CPU, [vdev], [f"--forward-mode={mode}", f"--rxd={queue_size}",
                                           f"--txd={queue_size}", *extra], log_path, nice=nice)
 

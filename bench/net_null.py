@@ -64,7 +64,14 @@ VHOSTD_VARIANTS = {
     # QoS limits far above what the machine does (the gate's cost, against "vhostd")
     "vhostd-limited": ["--limit", "tx_packets_sec=1000000000", "--limit", "tx_bytes_sec=1000000000000",
                        "--limit", "rx_packets_sec=1000000000", "--limit", "rx_bytes_sec=1000000000000"],
+    "vhostd-packed": [],
 }
+# Back-ends whose front-end lays out packed rings (virtio_user packed_vq=1); the
+# anchor's packed twin is DPDK net_vhost with the same front-end.  packed_vs_split:
+# vhostd-packed against vhostd, vs_dpdk_packed: against dpdk-packed, same round.
+PACKED_ANCHOR = "dpdk-packed"
+PACKED = {"vhostd-packed", PACKED_ANCHOR}
+PACKED_VDEV = ",packed_vq=1"
 DEFAULT_BACKENDS = ("vhostd", "vhostd-poll50", "vhostd-poll200", ANCHOR)
 # Back-end name -> extra tsofe options: vhostd's default workers driven by bench/tsofe.c
 # (which, unlike testpmd, can turn dirty-page logging on).  Not run by default.
@@ -86,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds of traffic before the window opens (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
-                   help=f"comma-separated, from {', '.join([*VHOSTD_VARIANTS, ANCHOR, *CFE_VARIANTS])} "
+                   help=f"comma-separated, from {', '.join([*VHOSTD_VARIANTS, ANCHOR, PACKED_ANCHOR, *CFE_VARIANTS])} "
                         f"(default {','.join(DEFAULT_BACKENDS)}); ratios are against {ANCHOR}, "
                         f"{LOG_PAIR[0]} against {LOG_PAIR[1]} (log_vs_nolog), "
                         f"{REGIONS_PAIR[0]} against {REGIONS_PAIR[1]} (regionsN_vs_1)")
@@ -137,7 +144,7 @@ def start_anchor(sock: Path, direction: Direction, log: Path) -> TestPmd:
 def start_backend(name: str, sock: Path, control: Path, direction: Direction, log: Path,
                   args: argparse.Namespace) -> net.Backend:
     sock.unlink(missing_ok=True)  # DPDK fails on a stale socket file
-    if name == ANCHOR:
+    if name in (ANCHOR, PACKED_ANCHOR):
         return start_anchor(sock, direction, log)
     return start_vhostd(sock, control, log, [*VHOSTD_VARIANTS[name], *args.vhostd_args])
 
@@ -191,10 +198,11 @@ def run_one(backend: str, direction: Direction, workdir: Path, args: argparse.Na
     tag = f"{backend}-{direction.name}-r{rnd}"
     sock, control = workdir / f"{backend}.sock", workdir / f"{backend}.control"
     be = start_backend(backend, sock, control, direction, workdir / f"{tag}.log", args)
-    is_vhostd = backend != ANCHOR
+    is_vhostd = backend not in (ANCHOR, PACKED_ANCHOR)
     try:
         with net.frontend(sock, direction.frontend_mode, workdir / f"frontend-{tag}.log",
-                          args.queue_size, [f"--txpkts={PAYLOAD}"]) as fe:
+                          args.queue_size, [f"--txpkts={PAYLOAD}"],
+                          vdev_extra=PACKED_VDEV if backend in PACKED else "") as fe:
             fe.command("start")
             time.sleep(args.warmup)
             s0 = sample(fe, be, direction, control, is_vhostd)
@@ -311,8 +319,14 @@ def summarize(runs: list[Row], backends: list[str], directions: list[str],
                 return net.median_of(runs, key, b, direction=d)
 
             ratio = (net.median_or_none(net.ratio_by_round(runs, "mpps", b, ANCHOR, direction=d))
-                     if ANCHOR in backends and b != ANCHOR else None)
+                     if ANCHOR in backends and b not in (ANCHOR, PACKED_ANCHOR) else None)
             log_cols: Row = {}
+            if b == "vhostd-packed":
+                for col, other in (("packed_vs_split", "vhostd"), ("vs_dpdk_packed", PACKED_ANCHOR)):
+                    if other in backends:
+                        log_cols[col] = net.median_or_none(net.ratio_by_round(runs, "mpps", b, other, direction=d))
+                        log_cols["ns_" + col] = net.median_or_none(net.ratio_by_round(
+                            runs, "cpu_ns_per_frame", b, other, direction=d))
             if all(n in backends for n in LOG_PAIR):
                 on = b == LOG_PAIR[0]
                 log_cols = {
@@ -358,7 +372,7 @@ def names(spec: str, known: list[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    backends = names(args.backends, [*VHOSTD_VARIANTS, ANCHOR, *CFE_VARIANTS], "back-ends")
+    backends = names(args.backends, [*VHOSTD_VARIANTS, ANCHOR, PACKED_ANCHOR, *CFE_VARIANTS], "back-ends")
     directions = names(args.directions, list(DIRECTIONS), "directions")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vhostd-bench-null-"))
     workdir.mkdir(parents=True, exist_ok=True)

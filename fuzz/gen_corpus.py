@@ -466,6 +466,166 @@ def mem_seeds() -> dict[str, bytes]:
 
 # --- main ------------------------------------------------------------------------
 
+# --- fuzz_vring_packed ------------------------------------------------------------
+
+PA, PU = 1 << 7, 1 << 15                # VRING_PACKED_DESC_F_AVAIL, _USED
+
+
+class Packed:
+    """A packed ring in an Image: descriptors at `desc`, the driver and device
+    event areas after them; chains are written in ring order."""
+
+    def __init__(self, img: Image, num: int, desc: int = 0, avail: int = 0x8000, used: int | None = None) -> None:
+        self.img, self.num, self.desc = img, num, desc
+        self.driver = desc + 16 * num
+        self.device = self.driver + 4
+        self.pos, self.wrap = avail & 0x7FFF, bool(avail & 0x8000)
+        self.avail_base = avail
+        self.used_base = avail if used is None else used
+
+    def put(self, addr: int, length: int, flags: int, id_: int, wrap_bits: bool = True) -> None:
+        bits = (PA if self.wrap else PU) if wrap_bits else 0
+        self.img.put(self.desc + 16 * self.pos, struct.pack("<QIHH", addr, length, id_, flags | bits))
+        self.pos += 1
+        if self.pos == self.num:
+            self.pos, self.wrap = 0, not self.wrap
+
+    def chain(self, id_: int, bufs: list[tuple[int, int, int]]) -> None:
+        """(offset, len, writable) buffers as one chain with buffer id id_."""
+        for k, (off, length, w) in enumerate(bufs):
+            self.put(self.img.gpa(off), length, (W if w else 0) | (N if k + 1 < len(bufs) else 0), id_)
+
+    def header(self) -> bytes:
+        return struct.pack("<5H", self.desc, self.driver, self.device, self.avail_base, self.used_base)
+
+    def laps(self) -> None:
+        """What the ring holds before the start position: used descriptors of
+        this lap behind it, of the previous lap from it on."""
+        for i in range(self.num):
+            cur = i < self.pos
+            lap = self.wrap if cur else not self.wrap
+            self.img.put(self.desc + 16 * i + 14, struct.pack("<H", PA | PU if lap else 0))
+
+    def table(self, at: int, entries: list[tuple[int, int, int]]) -> None:
+        """A packed indirect table: (offset, len, flags) per entry."""
+        for i, (off, length, flags) in enumerate(entries):
+            self.img.put(at + 16 * i, struct.pack("<QIHH", self.img.gpa(off), length, 0, flags))
+
+
+def packed_input(r: Packed, *, indirect: bool = False, event_idx: bool = False, two: bool = False,
+                 ro: bool = False, uring: bool = False, device: int = 0, pages: tuple[int, int] = (1, 1),
+                 base_sel: int = 1, inflight: bytes | None = None) -> bytes:
+    flags = (indirect * 1 | event_idx * 2 | two * 4 | ro * 8 | uring * 16 | (inflight is not None) * 128)
+    hdr = struct.pack("<BBBB", flags, (r.num - 1) % 128, (pages[0] - 1) | (pages[1] - 1) << 4,
+                      (base_sel & 3) | device << 2)
+    return hdr + r.header() + (inflight or b"") + bytes(r.img.buf)
+
+
+def packed_region(num: int, used: int = 0, used_wrap: int = 1, heads: list[tuple[int, int, list[tuple]]] = ()) -> bytes:
+    """vhd.h struct vhd_inflight_region_packed: heads (entry, counter, [(addr, len, id, flags)])
+    in flight, their descriptors in consecutive entries; the rest free."""
+    taken: dict[int, tuple] = {}
+    for entry, counter, descs in heads:
+        for k, d in enumerate(descs):
+            taken[entry + k] = (k == 0, counter, len(descs), entry + len(descs) - 1, d)
+    free = [i for i in range(num) if i not in taken]
+    nxt = {f: (free[j + 1] if j + 1 < len(free) else num) for j, f in enumerate(free)}
+    head = free[0] if free else num
+    out = struct.pack("<QHHHHHHBB10x", 0, 1, num, head, head, used, used, used_wrap, used_wrap)
+    for i in range(num):
+        if i in taken:
+            is_head, counter, n, last, (addr, length, id_, flags) = taken[i]
+            out += struct.pack("<BBHHHQHHIQ", int(is_head), 0, i + 1, last if is_head else 0,
+                               n if is_head else 0, counter if is_head else 0, id_, flags, length, addr)
+        else:
+            out += struct.pack("<BBHHHQHHIQ", 0, 0, nxt[i], 0, 0, 0, 0, 0, 0, 0)
+    return out
+
+
+def packed_seeds() -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    base = base_of(1, PAGE)
+    img = Image(base)
+    r = Packed(img, 8)
+    img.put(0x200, blk_hdr(T_IN, 3))
+    r.chain(0, [(0x200, 16, 0), (0x800, 1024, 1), (0x210, 1, 1)])
+    img.put(0x220, blk_hdr(T_OUT, 60))
+    r.chain(5, [(0x220, 16, 0), (0xC00, 512, 0), (0x230, 1, 1)])
+    img.put(0x240, blk_hdr(T_FLUSH, 0))
+    r.chain(2, [(0x240, 16, 0), (0x250, 1, 1)])
+    out["blk-read-write-flush"] = packed_input(r)
+    out["blk-read-write-flush-uring"] = packed_input(r, uring=True, event_idx=True)
+    out["blk-read-write-flush-readonly"] = packed_input(r, ro=True)
+
+    # Indirect over both regions, a ring of 6 starting in lap 0 at position 4.
+    base2 = base_of(1, 2 * PAGE)
+    img = Image(base2)
+    r = Packed(img, 6, avail=4)
+    r.laps()
+    img.put(0x300, blk_hdr(T_IN, 62))
+    r.table(0x380, [(0x300, 16, 0), (PAGE - 512, 1024, W), (0x3F0, 1, W)])
+    r.put(img.gpa(0x380), 48, I, 3)
+    img.put(0x400, blk_hdr(T_OUT, 0))
+    r.chain(4, [(0x400, 16, 0), (PAGE - 256, 512, 0), (0x410, 1, 1)])   # wraps to lap 1
+    out["blk-indirect-wrap"] = packed_input(r, indirect=True, event_idx=True, two=True)
+
+    # Inflight: a previous back-end had ids 1 and 3 in flight (their ring
+    # slots since overwritten), then one new chain.
+    img = Image(base)
+    r = Packed(img, 8, avail=0x8000 | 5, used=0x8000)
+    r.laps()
+    img.put(0x100, blk_hdr(T_IN, 5))
+    img.put(0x120, blk_hdr(T_OUT, 6))
+    g = img.gpa
+    region = packed_region(8, 0, 1, [(0, 10, [(g(0x120), 16, 0, N), (g(0x400), 512, 0, N), (g(0x111), 1, 3, W)]),
+                                     (3, 12, [(g(0x100), 16, 0, N), (g(0x140), 1, 1, W)])])
+    r.chain(6, [(0x100, 16, 0), (0x180, 512, 1), (0x112, 1, 1)])
+    out["blk-inflight-resubmit"] = packed_input(r, inflight=region)
+    out["blk-inflight-new-region"] = packed_input(r, inflight=bytes(32 + 32 * 8))
+
+    # Net: TX frames and RX buffers (null back-end), MRG_RXBUF.
+    img = Image(base)
+    r = Packed(img, 8)
+    r.chain(0, [(0x200, 12, 0), (0x220, 60, 0)])
+    r.chain(1, [(0x300, 72, 0)])
+    out["net-tx"] = packed_input(r, device=1, event_idx=True)
+    img = Image(base)
+    r = Packed(img, 8)
+    for i in range(3):
+        r.chain(i, [(0x200 + 0x100 * i, 0x40, 1), (0x240 + 0x100 * i, 0x40, 1)])
+    out["net-rx"] = packed_input(r, device=2)
+    out["net-rx-mrg"] = packed_input(r, device=3, event_idx=True)
+
+    # Hostile: a chain longer than the ring, an id out of range, one id twice,
+    # a flipped wrap counter, nested indirect.
+    img = Image(base)
+    r = Packed(img, 4)
+    for _ in range(4):
+        r.put(img.gpa(0x200), 16, N, 0)
+    out["bad-chain-longer-than-ring"] = packed_input(r)
+    img = Image(base)
+    r = Packed(img, 4)
+    img.put(0x200, blk_hdr(T_FLUSH, 0))
+    r.chain(9, [(0x200, 16, 0), (0x210, 1, 1)])
+    out["bad-id-out-of-range"] = packed_input(r)
+    img = Image(base)
+    r = Packed(img, 8)
+    img.put(0x200, blk_hdr(T_FLUSH, 0))
+    r.chain(2, [(0x200, 16, 0), (0x210, 1, 1)])
+    r.chain(2, [(0x200, 16, 0), (0x211, 1, 1)])
+    out["bad-id-twice-uring"] = packed_input(r, uring=True)
+    img = Image(base)
+    r = Packed(img, 4)
+    r.put(img.gpa(0x200), 16, PA | PU, 0, wrap_bits=False)
+    out["bad-wrap-flipped"] = packed_input(r)
+    img = Image(base)
+    r = Packed(img, 4)
+    r.table(0x380, [(0x300, 16, I)])
+    r.put(img.gpa(0x380), 16, I, 0)
+    out["bad-nested-indirect"] = packed_input(r, indirect=True)
+    return out
+
+
 def write(directory: Path, files: dict[str, bytes], clear: bool = True) -> None:
     if clear and directory.exists():
         shutil.rmtree(directory)
@@ -497,7 +657,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="only check that the files on disk are current")
     args = ap.parse_args()
     corpora = {"fuzz_vring_blk": with_dirty_log(blk_seeds()), "fuzz_vring_net": with_dirty_log(net_seeds()),
-               "fuzz_mem": mem_seeds()}
+               "fuzz_vring_packed": with_dirty_log(packed_seeds()), "fuzz_mem": mem_seeds()}
     repros = {"fuzz_vring_blk": blk_repros(), "fuzz_vring_net": net_repros()}
     if args.check:
         bad = [f for t, files in corpora.items() for f in stale(HERE / "corpus" / t, files, True)]

@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 
-ALL=(fuzz_vring_blk fuzz_vring_net fuzz_mem)
+ALL=(fuzz_vring_blk fuzz_vring_net fuzz_vring_packed fuzz_mem)
 build=1
 if [ "${1:-}" = "--no-build" ]; then
     build=0

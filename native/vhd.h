@@ -77,6 +77,91 @@ struct vhd_inflight_region {
     struct vhd_inflight_desc desc[];
 };
 
+/* Packed ring layout (virtio 1.2, 2.8). */
+struct vring_packed_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t id;
+    uint16_t flags;
+};
+
+#define VRING_PACKED_DESC_F_AVAIL (1u << 7)
+#define VRING_PACKED_DESC_F_USED (1u << 15)
+#define VRING_PACKED_EVENT_F_ENABLE 0
+#define VRING_PACKED_EVENT_F_DISABLE 1
+#define VRING_PACKED_EVENT_F_DESC 2
+#define VRING_PACKED_EVENT_WRAP (1u << 15)
+
+/* Driver and device event suppression areas. */
+struct vring_packed_event {
+    uint16_t off_wrap;
+    uint16_t flags;
+};
+
+/* Inflight tracking, packed ring (vhost-user.rst "Inflight I/O tracking",
+ * QueueRegionPacked / DescStatePacked).  Entries are allocated per ring
+ * descriptor from a free list; a chain's head entry holds its state. */
+struct vhd_inflight_desc_packed {
+    uint8_t inflight;
+    uint8_t padding;
+    uint16_t next;            /* free list, or the chain's next entry */
+    uint16_t last;            /* head entry: the chain's last entry */
+    uint16_t num;             /* head entry: ring descriptors in the chain */
+    uint64_t counter;         /* head entry: pop order */
+    uint16_t id;              /* copy of the ring descriptor */
+    uint16_t flags;
+    uint32_t len;
+    uint64_t addr;
+};
+
+struct vhd_inflight_region_packed {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t free_head;
+    uint16_t old_free_head;
+    uint16_t used_idx;
+    uint16_t old_used_idx;
+    uint8_t used_wrap_counter;
+    uint8_t old_used_wrap_counter;
+    uint8_t padding[7];
+    struct vhd_inflight_desc_packed desc[];
+};
+
+_Static_assert(sizeof(struct vhd_inflight_desc_packed) == 32, "DescStatePacked is 32 bytes");
+_Static_assert(offsetof(struct vhd_inflight_region_packed, desc) == 32, "QueueRegionPacked header is 32 bytes");
+
+/* Pops net RX may give back (vhd_vring_unpop) on a packed ring: one frame's
+ * chains (1 + MAX_MERGE in net.c). */
+#define VHD_PACKED_UNPOP_MAX 128
+#define VHD_PACKED_PUSHED (1u << 31)
+
+struct vhd_pop_rec {
+    uint16_t pos;             /* last_avail_idx before the pop */
+    uint16_t id;
+    bool wrap;
+};
+
+/* Packed-only state, allocated at setup (sized by the ring). */
+struct vhd_packed {
+    struct vring_packed_desc *desc;
+    struct vring_packed_event *driver;   /* driver event suppression (the "avail" address) */
+    struct vring_packed_event *device;   /* device event suppression (the "used" address) */
+    bool avail_wrap;                     /* wrap counter of last_avail_idx */
+    bool used_wrap;                      /* wrap counter of used_idx */
+    uint32_t device_flags;               /* last value stored to device->flags (UINT32_MAX: unknown) */
+    uint32_t batch_n;                    /* used descriptors pushed since the last flush */
+    uint16_t batch_pos;                  /* the first of them: its flags are stored at flush */
+    uint16_t batch_flags;
+    uint32_t *id_ndesc;                  /* per buffer id: ring descriptors of its chain in flight, 0: free;
+                                          * | VHD_PACKED_PUSHED once used, until the batch is published */
+    uint16_t *batch_ids;                 /* ids pushed since the last flush */
+    uint16_t *id_entry;                  /* per buffer id: inflight region head entry */
+    struct vhd_inflight_region_packed *inflight;
+    uint32_t hist_n, hist_head;          /* last pops, for unpop */
+    struct vhd_pop_rec hist[VHD_PACKED_UNPOP_MAX];
+};
+
 struct vhd_vring {
     const vhd_mem *mem;
     uint64_t desc_uva, avail_uva, used_uva;   /* SET_VRING_ADDR: re-translated on a memory change */
@@ -104,6 +189,8 @@ struct vhd_vring {
     uint32_t n_resubmit;
     uint32_t resubmit_pos;
     bool more;                 /* a drain stopped at its budget: run again */
+    bool packed;               /* VIRTIO_F_RING_PACKED: the vhd_vring_* entry points go to vring_packed.c */
+    struct vhd_packed *pk;     /* packed only; last_avail_idx and used_idx are then ring positions */
     vhd_log *log;              /* VHOST_F_LOG_ALL: where writes to guest memory are logged */
     bool log_used;             /* VHOST_VRING_F_LOG: used ring writes too, at log_used_gpa */
     uint64_t log_used_gpa;
@@ -186,6 +273,23 @@ static inline void vhd_qos_count(vhd_vring *vr, uint32_t cls, uint64_t bytes)
 /* mem.c: the guest-physical address of a host address inside a region
  * (the reverse of vhd_mem_gpa_to_iov, for the dirty log); 0 if found. */
 int vhd_mem_hva_to_gpa(const vhd_mem *mem, const void *hva, uint64_t *gpa, uint64_t *room);
+
+/* vring_packed.c: the packed implementations of the vhd_vring_* entry
+ * points (vring.c chooses once per call on vr->packed; devices never do). */
+int vhd_packed_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_config *cfg);
+int vhd_packed_set_mem(vhd_vring *vr, const vhd_mem *mem);
+void vhd_packed_release(vhd_vring *vr);
+int vhd_packed_pop(vhd_vring *vr, struct vhd_chain *c);
+void vhd_packed_push(vhd_vring *vr, uint16_t id, uint32_t len);
+void vhd_packed_unpop(vhd_vring *vr, uint16_t n);
+void vhd_packed_flush(vhd_vring *vr);
+void vhd_packed_disable_notify(vhd_vring *vr);
+int vhd_packed_enable_notify(vhd_vring *vr);
+int vhd_packed_pending(const vhd_vring *vr);
+/* vring.c helpers both layouts use. */
+void vhd_vring_reset(vhd_vring *vr, const vhd_mem *mem);
+bool vhd_ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen);
+void vhd_vring_log_used(vhd_vring *vr, const void *field, size_t len);
 
 /* vring.c: the pop / handle / publish loop shared by the synchronous
  * back-ends.  handler pushes one used element per chain.  Publishes and

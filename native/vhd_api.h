@@ -29,6 +29,9 @@
 #define VHD_ERR_IOV -8          /* more segments than VHD_MAX_IOV */
 #define VHD_ERR_LEN -9          /* chain's total length does not fit 32 bits */
 #define VHD_ERR_LAYOUT -10      /* used ring laid over the avail ring or descriptors */
+#define VHD_ERR_ID -11          /* packed: buffer id already in flight */
+#define VHD_ERR_WRAP -12        /* packed: descriptor marked used in the driver's own lap */
+#define VHD_ERR_INFLIGHT -13    /* inflight region inconsistent with the ring */
 
 /* Guest memory: an immutable translation table once handed to workers.
  * Changing memory means building a new table and handing it to the workers
@@ -62,7 +65,7 @@ void *vhd_mem_uva_to_hva(const vhd_mem *mem, uint64_t uva, uint64_t len);
 int vhd_mem_gpa_to_iov(const vhd_mem *mem, uint64_t gpa, uint64_t len,
                        struct iovec *iov, int max);
 
-/* Split virtqueue. */
+/* Virtqueues, split (virtio 1.2 2.7) or packed (2.8): one interface. */
 /* Dirty-page log (live migration): a bitmap the front-end shares with
  * SET_LOG_BASE, one bit per 4 KiB guest-physical page.  bits must stay
  * mapped while any ring uses the log. */
@@ -85,11 +88,13 @@ void vhd_log_write(vhd_log *log, uint64_t gpa, uint64_t len);
 int vhd_log_set_drop(vhd_log *log, int drop);
 
 struct vhd_vring_config {
-    uint32_t num;               /* ring size, power of two <= 32768 */
+    uint32_t num;               /* ring size: split a power of two, packed any, <= 32768 */
     uint64_t desc_uva;          /* front-end virtual addresses (SET_VRING_ADDR) */
-    uint64_t avail_uva;
-    uint64_t used_uva;
-    uint16_t last_avail_idx;    /* SET_VRING_BASE */
+    uint64_t avail_uva;         /* packed: the driver area (driver event suppression) */
+    uint64_t used_uva;          /* packed: the device area (device event suppression) */
+    uint16_t last_avail_idx;    /* SET_VRING_BASE; packed: index bits 0-14, wrap counter bit 15 */
+    int packed;                 /* VIRTIO_F_RING_PACKED negotiated */
+    uint16_t used_base;         /* packed: used index bits 0-14, wrap counter bit 15 (split: in memory) */
     int event_idx;              /* VIRTIO_RING_F_EVENT_IDX negotiated */
     int indirect;               /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
     int call_fd;                /* -1: front-end polls, never notify */
@@ -104,6 +109,9 @@ struct vhd_vring_config {
 /* Size of one ring's inflight region (split ring layout of vhost-user.rst:
  * a 16-byte header and one 16-byte DescStateSplit per descriptor). */
 uint64_t vhd_inflight_queue_size(uint32_t queue_size);
+/* The same for a packed ring: a 32-byte header and one 32-byte
+ * DescStatePacked per descriptor. */
+uint64_t vhd_inflight_queue_size_packed(uint32_t queue_size);
 /* Maps size bytes of fd at offset (shared); NULL and *err (-ERANGE: the
  * file is shorter) on failure.  The inflight buffer and the dirty log:
  * they must outlive the rings that use them. */
@@ -125,7 +133,7 @@ struct vhd_vring_stats {
 };
 
 struct vhd_chain {
-    uint16_t head;
+    uint16_t head;              /* split: head descriptor index; packed: buffer id (what push takes) */
     uint16_t n_out;             /* device-readable iovecs, first in iov[] */
     uint16_t n_in;              /* device-writable iovecs, after them */
     uint32_t out_len;
@@ -162,8 +170,12 @@ void vhd_vring_set_broken(vhd_vring *vr, int reason);
 /* True if chains wait to be popped: in-flight requests of a previous
  * back-end still to resubmit, or buffers the driver made available. */
 int vhd_vring_pending(const vhd_vring *vr);
+/* Split: the indexes.  Packed: ring position | wrap counter << 15. */
 uint16_t vhd_vring_last_avail_idx(const vhd_vring *vr);
 uint16_t vhd_vring_used_idx(const vhd_vring *vr);
+/* GET_VRING_BASE: split last_avail_idx; packed last_avail_idx | used_idx << 16. */
+uint32_t vhd_vring_base(const vhd_vring *vr);
+int vhd_vring_is_packed(const vhd_vring *vr);
 const struct vhd_vring_stats *vhd_vring_stats(const vhd_vring *vr);
 
 /* virtio-blk back-end on a file or block device. */

@@ -1,4 +1,7 @@
-/* Split virtqueue processing (virtio 1.2 section 2.7), device side.
+/* Virtqueue processing, device side: the vhd_vring_* interface devices use,
+ * and its split implementation (virtio 1.2 section 2.7).  Each entry point
+ * chooses the layout once, on vr->packed; the packed implementation is in
+ * vring_packed.c.  Devices never test the layout.
  *
  * Memory ordering with the driver, which runs concurrently on another CPU:
  * - avail->idx is loaded with acquire: the driver writes the ring entry and
@@ -40,9 +43,26 @@ static void free_inflight_lists(vhd_vring *vr)
 
 void vhd_vring_free(vhd_vring *vr)
 {
-    if (vr)
+    if (vr) {
         free_inflight_lists(vr);
+        vhd_packed_release(vr);
+    }
     free(vr);
+}
+
+/* What both layouts' setup does first: counters survive (a memory table
+ * swap re-sets a ring up); a broken mark does not (the front-end
+ * re-initialised the ring); everything else starts from zero. */
+void vhd_vring_reset(vhd_vring *vr, const vhd_mem *mem)
+{
+    struct vhd_vring_stats stats = vr->stats;
+    free_inflight_lists(vr);
+    vhd_packed_release(vr);
+    memset(vr, 0, sizeof(*vr));
+    vr->stats = stats;
+    vr->stats.broken = 0;
+    vr->published_bytes = stats.bytes_read + stats.bytes_written;
+    vr->mem = mem;
 }
 
 uint64_t vhd_inflight_queue_size(uint32_t queue_size)
@@ -102,7 +122,7 @@ static int inflight_setup(vhd_vring *vr, struct vhd_inflight_region *reg)
     return 0;
 }
 
-static bool overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+bool vhd_ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 {
     return a < b + blen && b < a + alen;
 }
@@ -114,6 +134,8 @@ static bool aligned(const void *p, uintptr_t a)
 
 int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_config *cfg)
 {
+    if (cfg->packed)
+        return vhd_packed_setup(vr, mem, cfg);
     uint64_t n = cfg->num;
     if (n == 0 || n > VHD_MAX_QUEUE_SIZE || (n & (n - 1)) != 0)
         return -EINVAL;
@@ -128,17 +150,9 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
     /* The device writes the used ring: laid over the avail ring or the
      * descriptors it would feed itself new work forever. */
     uint64_t dsz = 16 * n, asz = 6 + 2 * n, usz = 6 + 8 * n;
-    bool bad_layout = overlap(cfg->used_uva, usz, cfg->avail_uva, asz) ||
-                      overlap(cfg->used_uva, usz, cfg->desc_uva, dsz);
-    /* Counters survive a re-setup (memory table swap); a broken mark does
-     * not: the front-end re-initialised the ring. */
-    struct vhd_vring_stats stats = vr->stats;
-    free_inflight_lists(vr);
-    memset(vr, 0, sizeof(*vr));
-    vr->stats = stats;
-    vr->stats.broken = 0;
-    vr->published_bytes = stats.bytes_read + stats.bytes_written;
-    vr->mem = mem;
+    bool bad_layout = vhd_ranges_overlap(cfg->used_uva, usz, cfg->avail_uva, asz) ||
+                      vhd_ranges_overlap(cfg->used_uva, usz, cfg->desc_uva, dsz);
+    vhd_vring_reset(vr, mem);
     vr->desc_uva = cfg->desc_uva;
     vr->avail_uva = cfg->avail_uva;
     vr->used_uva = cfg->used_uva;
@@ -170,6 +184,8 @@ int vhd_vring_setup(vhd_vring *vr, const vhd_mem *mem, const struct vhd_vring_co
 
 int vhd_vring_set_mem(vhd_vring *vr, const vhd_mem *mem)
 {
+    if (vr->packed)
+        return vhd_packed_set_mem(vr, mem);
     uint64_t n = vr->num;
     if (vhd_mem_uva_to_hva(mem, vr->desc_uva, 16 * n) != (void *)vr->desc ||
         vhd_mem_uva_to_hva(mem, vr->avail_uva, 6 + 2 * n) != (void *)vr->avail ||
@@ -325,6 +341,8 @@ static int pop_resubmit(vhd_vring *vr, struct vhd_chain *c)
 
 int vhd_vring_pop(vhd_vring *vr, struct vhd_chain *c)
 {
+    if (vr->packed)
+        return vhd_packed_pop(vr, c);
     if (vr->stats.broken)
         return (int)vr->stats.broken;
     if (vr->resubmit_pos < vr->n_resubmit)
@@ -393,8 +411,18 @@ static inline void log_used(vhd_vring *vr, const void *field, size_t len)
         vhd_log_write(vr->log, vr->log_used_gpa + (uint64_t)((const uint8_t *)field - (const uint8_t *)vr->used), len);
 }
 
+/* The same for the packed ring's device area (vr->used points to it). */
+void vhd_vring_log_used(vhd_vring *vr, const void *field, size_t len)
+{
+    log_used(vr, field, len);
+}
+
 void vhd_vring_push(vhd_vring *vr, uint16_t head, uint32_t len)
 {
+    if (vr->packed) {
+        vhd_packed_push(vr, head, len);
+        return;
+    }
     /* Resubmitted chains plus a full ring of new ones can exceed the list
      * between two flushes: publish what came before this head rather than
      * overflow.  (Before it: a flush after it would clear the marks of the
@@ -424,6 +452,10 @@ static void inflight_published(vhd_vring *vr)
 /* Not for rings with inflight tracking (only net RX gives chains back). */
 void vhd_vring_unpop(vhd_vring *vr, uint16_t n)
 {
+    if (vr->packed) {
+        vhd_packed_unpop(vr, n);
+        return;
+    }
     vr->last_avail_idx = (uint16_t)(vr->last_avail_idx - n);
 }
 
@@ -448,6 +480,10 @@ static bool need_call(vhd_vring *vr)
 
 void vhd_vring_flush(vhd_vring *vr)
 {
+    if (vr->packed) {
+        vhd_packed_flush(vr);
+        return;
+    }
     vr->published_bytes = vr->stats.bytes_read + vr->stats.bytes_written;
     if (vr->published_idx == vr->used_idx)
         return;
@@ -481,6 +517,10 @@ static uint16_t *avail_event(vhd_vring *vr)
 
 void vhd_vring_disable_notify(vhd_vring *vr)
 {
+    if (vr->packed) {
+        vhd_packed_disable_notify(vr);
+        return;
+    }
     if (!vr->event_idx) {
         vhd_store16(&vr->used->flags, VRING_USED_F_NO_NOTIFY);
         log_used(vr, &vr->used->flags, sizeof(uint16_t));
@@ -495,6 +535,8 @@ void vhd_vring_disable_notify(vhd_vring *vr)
 
 int vhd_vring_enable_notify(vhd_vring *vr)
 {
+    if (vr->packed)
+        return vhd_packed_enable_notify(vr);
     if (vr->event_idx) {
         vhd_store16(avail_event(vr), vr->last_avail_idx);
         log_used(vr, avail_event(vr), sizeof(uint16_t));
@@ -524,6 +566,8 @@ bool vhd_vring_over_budget(vhd_vring *vr, int done)
 
 int vhd_vring_pending(const vhd_vring *vr)
 {
+    if (vr->packed)
+        return vhd_packed_pending(vr);
     /* Resubmits count: a back-end whose slots were full when it stopped
      * must come back for them even if the driver adds nothing new. */
     return vr->resubmit_pos < vr->n_resubmit ||
@@ -532,12 +576,28 @@ int vhd_vring_pending(const vhd_vring *vr)
 
 uint16_t vhd_vring_last_avail_idx(const vhd_vring *vr)
 {
+    if (vr->packed)
+        return (uint16_t)(vr->last_avail_idx | (vr->pk->avail_wrap ? VRING_PACKED_EVENT_WRAP : 0));
     return vr->last_avail_idx;
 }
 
 uint16_t vhd_vring_used_idx(const vhd_vring *vr)
 {
+    if (vr->packed)
+        return (uint16_t)(vr->used_idx | (vr->pk->used_wrap ? VRING_PACKED_EVENT_WRAP : 0));
     return vr->used_idx;
+}
+
+uint32_t vhd_vring_base(const vhd_vring *vr)
+{
+    if (vr->packed)
+        return vhd_vring_last_avail_idx(vr) | (uint32_t)vhd_vring_used_idx(vr) << 16;
+    return vr->last_avail_idx;
+}
+
+int vhd_vring_is_packed(const vhd_vring *vr)
+{
+    return vr->packed;
 }
 
 const struct vhd_vring_stats *vhd_vring_stats(const vhd_vring *vr)

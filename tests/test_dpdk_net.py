@@ -299,20 +299,38 @@ def wait_log(d: Vhostd, needle: str, count: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+# The rings virtio_user lays out: split (its default), or packed
+# (packed_vq=1), asking for IN_ORDER or not (vhostd does not offer
+# VIRTIO_F_IN_ORDER, so in_order=1 runs the PMD's out-of-order paths too).
+LAYOUTS = {"split": "", "packed": ",packed_vq=1,in_order=0", "packed-in_order": ",packed_vq=1,in_order=1"}
+RING_PACKED = 34
+
+
+def check_layout(d: Vhostd, layout: str) -> None:
+    """The rings ran the layout asked for (virtio_user acks RING_PACKED only with packed_vq=1)."""
+    features = log_features(d.log())
+    packed = layout != "split"
+    assert features and all(bool(f & bit(RING_PACKED)) == packed for f in features), (layout, features)
+    assert ("started (packed" in d.log()) == packed and ("started (split" in d.log()) != packed, d.log()[-4000:]
+
+
 # --- tests -------------------------------------------------------------------
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_txonly_64_and_1518(ns: NetNs, vhostd: Callable[..., Vhostd],
-                            testpmd: Callable[..., Testpmd]) -> None:
+                            testpmd: Callable[..., Testpmd], layout: str) -> None:
     """Guest -> tap at line rate: every frame testpmd sends arrives whole."""
     d = vhostd("vtapt")
     for size in (64, 1518):
-        res = txonly(ns, testpmd, d, "vtapt", size=size)
-        check_tx(res, size, f"txonly {size} B")
+        res = txonly(ns, testpmd, d, "vtapt", size=size, vdev=LAYOUTS[layout])
+        check_tx(res, size, f"txonly {size} B, {layout} rings")
         assert d.alive(), d.log()[-4000:]
     assert ns.read_stat("vtapt", "rx_errors") == 0
+    check_layout(d, layout)
 
 
-def test_rxonly(ns: NetNs, vhostd: Callable[..., Vhostd], testpmd: Callable[..., Testpmd]) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rxonly(ns: NetNs, vhostd: Callable[..., Vhostd], testpmd: Callable[..., Testpmd], layout: str) -> None:
     """Tap -> guest: frames sent on the tap in the namespace reach testpmd."""
     tap = "vtapr"
     d = vhostd(tap)
@@ -320,7 +338,7 @@ def test_rxonly(ns: NetNs, vhostd: Callable[..., Vhostd], testpmd: Callable[...,
     # hiccups of vhostd on a loaded machine during the paced phase.
     ns.run(["ip", "link", "set", tap, "txqueuelen", "10000"])
     assert d.socket is not None
-    t = testpmd(d.socket, "rxonly")
+    t = testpmd(d.socket, "rxonly", vdev=LAYOUTS[layout])
     try:
         t.wait_forwarding()
         base = ns.read_stats(tap, "tx_packets", "tx_dropped")
@@ -356,6 +374,7 @@ def test_rxonly(ns: NetNs, vhostd: Callable[..., Vhostd], testpmd: Callable[...,
     assert got >= queued - 16, (got, queued)
     assert got > 10_000, got
     assert d.alive(), d.log()[-4000:]
+    check_layout(d, layout)
 
 
 def test_offloads_on_and_off(ns: NetNs, vhostd: Callable[..., Vhostd],
@@ -384,13 +403,15 @@ def test_offloads_on_and_off(ns: NetNs, vhostd: Callable[..., Vhostd],
     assert 0 <= without < log.find("reattached with the virtio-net header"), log[-4000:]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_queue_pairs(ns: NetNs, vhostd: Callable[..., Vhostd],
-                         testpmd: Callable[..., Testpmd]) -> None:
+                         testpmd: Callable[..., Testpmd], layout: str) -> None:
     tap = "vtapm"
     d = vhostd(tap, "--queue-pairs", "2")
     res = txonly(ns, testpmd, d, tap, "--rxq=2", "--txq=2", "--nb-cores=1",
-                 seconds=1.5, vdev=",queues=2")
-    check_tx(res, 64, "txonly 64 B, 2 queue pairs", queues=2)
+                 seconds=1.5, vdev=",queues=2" + LAYOUTS[layout])
+    check_tx(res, 64, f"txonly 64 B, 2 queue pairs, {layout} rings", queues=2)
+    check_layout(d, layout)
     log = d.log()
     for ring in range(4):
         assert f"ring {ring} started" in log, log[-4000:]
@@ -398,7 +419,10 @@ def test_two_queue_pairs(ns: NetNs, vhostd: Callable[..., Vhostd],
     # chance is 1 in 65536).
     stopped = {int(r): int(n) for r, n in re.findall(r"ring (\d+) stopped at (\d+)", log)}
     print(f"rings stopped at {stopped}")
-    assert stopped.get(1) and stopped.get(3), stopped
+    if layout == "split":
+        assert stopped.get(1) and stopped.get(3), stopped
+    else:   # a packed base: avail position and wrap counter in the low half, new ring 0x8000
+        assert all(stopped.get(r, 0x8000) & 0xFFFF != 0x8000 for r in (1, 3)), stopped
 
 
 def test_garbage_frontend_then_testpmd(ns: NetNs, vhostd: Callable[..., Vhostd],

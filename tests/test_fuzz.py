@@ -25,7 +25,7 @@ from unavailable import missing
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
 BUILD = FUZZ / "build"
-TARGETS = ["fuzz_vring_blk", "fuzz_vring_net", "fuzz_mem"]
+TARGETS = ["fuzz_vring_blk", "fuzz_vring_net", "fuzz_vring_packed", "fuzz_mem"]
 SECONDS = int(os.environ.get("VHOSTD_FUZZ_SECONDS", "20"))
 # A fixed seed keeps the suite repeatable: CI replays the same mutation
 # sequence (timing aside) instead of gambling on a new one per run.  Open-

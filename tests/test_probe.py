@@ -80,7 +80,7 @@ def row(text: str, key: str) -> str:
 
 
 JSON_KEYS = {"socket", "device_type", "device_type_evidence", "features", "feature_names",
-             "protocol_features", "protocol_feature_names", "queue_num", "max_mem_slots",
+             "protocol_features", "protocol_feature_names", "queue_num", "ring_layouts", "max_mem_slots",
              "config_size", "config", "config_raw", "notes"}
 
 
@@ -131,6 +131,8 @@ def test_vhostd_blk(tmp_path: Path) -> None:
         assert row(text, "  capacity_sectors") == "131072 sectors (67108864 bytes, 64 MiB)"
         assert row(text, "queues") == "2 queues (GET_QUEUE_NUM)"
         assert "INFLIGHT_SHMFD" in text
+        assert "RING_PACKED" in j["feature_names"] and j["ring_layouts"] == ["split", "packed"]
+        assert row(text, "ring layouts") == "split packed (each ring)"
 
         _blk_roundtrip(d.socket)
         assert d.alive()
@@ -166,6 +168,7 @@ def test_vhostd_net_null(tmp_path: Path) -> None:
     assert j["queue_num"] == 2
     assert row(text, "device type") == "net (virtio-net)"
     assert row(text, "queues") == "2 queue pairs (GET_QUEUE_NUM)"
+    assert "RING_PACKED" in j["feature_names"] and j["ring_layouts"] == ["split", "packed"]
 
 
 def test_busy_vhostd_is_named(tmp_path: Path) -> None:

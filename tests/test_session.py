@@ -44,7 +44,7 @@ ALL_PROTOCOL = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(P
                 | bit(ProtocolFeature.BACKEND_REQ))
 BLK_FEATURES = (bit(VirtioFeature.VERSION_1) | bit(VirtioFeature.RING_INDIRECT_DESC)
                 | bit(VirtioFeature.RING_EVENT_IDX) | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
-                | bit(VirtioFeature.LOG_ALL)
+                | bit(VirtioFeature.LOG_ALL) | bit(VirtioFeature.RING_PACKED)
                 | bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE)
                 | bit(BlkFeature.FLUSH) | bit(BlkFeature.MQ) | bit(BlkFeature.CONFIG_WCE)
                 | bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES))
@@ -107,7 +107,8 @@ def test_full_negotiation_and_io(daemon: Daemon, sessions: list[Attached]) -> No
     fe.close()
     a = attach(daemon)
     sessions.append(a)
-    assert a.features == BLK_FEATURES and a.protocol_features == offered_proto
+    # The test front-end acks RING_PACKED only when asked (split rings here).
+    assert a.features == BLK_FEATURES & ~bit(VirtioFeature.RING_PACKED) and a.protocol_features == offered_proto
     io_roundtrip(a)
     blk = a.blk()
     assert blk.flush().status == VIRTIO_BLK_S_OK
@@ -122,7 +123,8 @@ def test_full_negotiation_and_io(daemon: Daemon, sessions: list[Attached]) -> No
 
 
 def test_feature_subset_is_what_the_rings_use(daemon: Daemon, sessions: list[Attached]) -> None:
-    want = BLK_FEATURES & ~bit(VirtioFeature.RING_INDIRECT_DESC) & ~bit(VirtioFeature.RING_EVENT_IDX)
+    want = BLK_FEATURES & ~bit(VirtioFeature.RING_INDIRECT_DESC) & ~bit(VirtioFeature.RING_EVENT_IDX) \
+        & ~bit(VirtioFeature.RING_PACKED)
     a = attach(daemon, want=want)
     sessions.append(a)
     assert a.features == want
@@ -145,7 +147,8 @@ def test_read_only_device(daemon_factory: DaemonFactory, sessions: list[Attached
     a = attach(d)
     sessions.append(a)
     # A read-only disk offers no DISCARD or WRITE_ZEROES (it would refuse them).
-    assert a.features == (BLK_FEATURES | bit(BlkFeature.RO)) & ~bit(BlkFeature.DISCARD) & ~bit(BlkFeature.WRITE_ZEROES)
+    assert a.features == (BLK_FEATURES | bit(BlkFeature.RO)) & ~bit(BlkFeature.DISCARD) & ~bit(BlkFeature.WRITE_ZEROES) \
+        & ~bit(VirtioFeature.RING_PACKED)
     blk = a.blk()
     assert blk.write(0, b"x" * SECTOR).status == VIRTIO_BLK_S_IOERR
     r = blk.read(0, SECTOR)
@@ -205,7 +208,8 @@ def test_reply_ack(daemon: Daemon) -> None:
         offered = fe.get_u64(Request.GET_FEATURES)
         fe.send(Request.SET_PROTOCOL_FEATURES, U64(ALL_PROTOCOL).pack())
         assert fe.call_ack(Request.SET_OWNER) == 0
-        assert fe.call_ack(Request.SET_FEATURES, U64(offered).pack()) == 0
+        split = offered & ~bit(VirtioFeature.RING_PACKED)     # a DriverRing is split
+        assert fe.call_ack(Request.SET_FEATURES, U64(split).pack()) == 0
         assert fe.call_ack(Request.SET_MEM_TABLE, ram.mem_table().pack(), ram.fds()) == 0
         assert fe.call_ack(Request.SET_VRING_NUM, VringState(0, 64).pack()) == 0
         assert fe.call_ack(Request.SET_VRING_BASE, VringState(0, 0).pack()) == 0

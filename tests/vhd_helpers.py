@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vhostd._native import ffi, lib
 from vhostd.frontend import (
@@ -33,6 +34,7 @@ from vhostd.frontend import (
     Frontend,
     GuestRam,
     RamRegion,
+    make_ring,
 )
 from vhostd.native import MemTable, NativeBlk, NativeBlkQueue, NativeLog, NativeVring
 from vhostd.protocol.constants import Request
@@ -167,14 +169,15 @@ class Rig:
     def __init__(self, workdir: Path, *, region_sizes: tuple[int, ...] = (1 << 16, 1 << 16),
                  num: int = 16, event_idx: bool = False, indirect: bool = True,
                  sectors: int = 256, readonly: bool = False, serial: bytes = b"SER123",
-                 last_avail_idx: int = 0, guarded: bool = False) -> None:
+                 last_avail_idx: int | None = None, guarded: bool = False, packed: bool = False) -> None:
         self.ram: GuestRam = GuardedRam(list(region_sizes)) if guarded else GuestRam(list(region_sizes))
         offset = self.ram.mem_offset() if guarded else 0  # type: ignore[attr-defined]
         self.mem = MemTable()
         for r in self.ram.regions:
             self.mem.add(r.fd, r.gpa, r.size, r.uva, offset)
         self.num = num
-        self.ring = DriverRing(self.ram, 0, num, event_idx)
+        self.packed = packed
+        self.ring = make_ring(self.ram, 0, num, event_idx, packed)
         self.event_idx = event_idx
         self.indirect = indirect
         self.sectors = sectors
@@ -186,14 +189,20 @@ class Rig:
         self.vring = NativeVring()
         self.setup(last_avail_idx)
 
-    def setup(self, last_avail_idx: int = 0, log: NativeLog | None = None,
-              log_used_gpa: int | None = None) -> None:
+    def setup(self, last_avail_idx: int | None = None, log: NativeLog | None = None,
+              log_used_gpa: int | None = None, used_base: int | None = None,
+              inflight: Any = None) -> None:
+        """last_avail_idx / used_base: default a new ring's (packed: wrap counters 1)."""
         ram, ring = self.ram, self.ring
+        base = ring.initial_base
         self.vring.setup(self.mem, num=self.num, desc=ram.gpa_to_uva(ring.desc),
                          avail=ram.gpa_to_uva(ring.avail), used=ram.gpa_to_uva(ring.used),
-                         last_avail_idx=last_avail_idx, event_idx=self.event_idx,
+                         last_avail_idx=base & 0xFFFF if last_avail_idx is None else last_avail_idx,
+                         event_idx=self.event_idx,
                          indirect=self.indirect, call_fd=ring.call_fd, err_fd=ring.err_fd,
-                         log=log, log_used_gpa=log_used_gpa)
+                         log=log, log_used_gpa=log_used_gpa, packed=self.packed,
+                         used_base=base >> 16 if used_base is None else used_base,
+                         inflight=ffi.NULL if inflight is None else inflight)
 
     # --- driving --------------------------------------------------------------
 
@@ -398,10 +407,11 @@ class Attached:
 
 def attach(daemon: Daemon, *, want: int = ~0, protocol_want: int = ~0, queues: int = 1,
            num: int = 64, event_idx: bool | None = None, enable: bool = True,
-           ram_sizes: tuple[int, ...] = (1 << 20, 1 << 20)) -> Attached:
+           ram_sizes: tuple[int, ...] = (1 << 20, 1 << 20), packed: bool = False) -> Attached:
+    """packed: negotiate VIRTIO_F_RING_PACKED and lay out packed rings."""
     from vhostd.protocol.constants import VirtioFeature, bit
     fe = daemon.connect()
-    features, proto = fe.negotiate(want, protocol_want)
+    features, proto = fe.negotiate(want, protocol_want, packed=packed)
     ram = GuestRam(list(ram_sizes))
     fe.set_mem_table(ram)
     if event_idx is None:
@@ -409,7 +419,7 @@ def attach(daemon: Daemon, *, want: int = ~0, protocol_want: int = ~0, queues: i
     with_pf = bool(features & bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES))
     rings = []
     for i in range(queues):
-        ring = DriverRing(ram, i, num, event_idx=event_idx)
+        ring = make_ring(ram, i, num, event_idx=event_idx, packed=packed)
         fe.start_ring(ring, enable=enable, protocol_features=with_pf)
         rings.append(ring)
     return Attached(fe, ram, rings, features, proto)

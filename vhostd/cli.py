@@ -560,12 +560,12 @@ def format_status(st: dict[str, Any]) -> str:
                 out.append(f"  dirty log: {'on' if log['enabled'] else 'off'}, {log['pages']} pages logged"
                            + (f", {log['refused']} refused (the front-end's log is too small)"
                               if log["refused"] else ""))
-            out.append(f"  {'ring':>4} {'size':>6} {'state':>8} {'requests':>12} {'read':>12} {'written':>12} "
-                       f"{'errors':>7} {'kicks':>9} {'calls':>9}")
+            out.append(f"  {'ring':>4} {'layout':>6} {'size':>6} {'state':>8} {'requests':>12} {'read':>12} "
+                       f"{'written':>12} {'errors':>7} {'kicks':>9} {'calls':>9}")
             for r in dev["rings"]:
                 state = "broken" if r["broken"] else "running" if r["running"] else \
                     "enabled" if r["enabled"] else "off"
-                out.append(f"  {r['index']:>4} {r['size']:>6} {state:>8} {r['requests']:>12} "
+                out.append(f"  {r['index']:>4} {r['layout']:>6} {r['size']:>6} {state:>8} {r['requests']:>12} "
                            f"{r['bytes_read']:>12} {r['bytes_written']:>12} {r['errors']:>7} "
                            f"{r['kicks']:>9} {r['calls']:>9}" + (f"  ({r['broken']})" if r["broken"] else ""))
         if (q := dev.get("qos")) is not None:

@@ -1,7 +1,7 @@
 """A small vhost-user front-end (driver side), in Python.
 
-It plays QEMU's role without a VM: guest RAM in memfds, split rings laid
-out in it, the vhost-user negotiation over the socket, and a virtio-blk
+It plays QEMU's role without a VM: guest RAM in memfds, split or packed
+rings laid out in it, the vhost-user negotiation over the socket, and a virtio-blk
 driver on top.  The test suite drives vhostd with it, including rings
 crafted to be hostile; ``vhostd probe`` and benchmarks can reuse it.
 It is deliberately simple and synchronous.
@@ -36,6 +36,10 @@ VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
+VRING_PACKED_DESC_F_AVAIL = 1 << 7
+VRING_PACKED_DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_DESC = 0, 1, 2
+PACKED_INITIAL_BASE = 0x8000_8000   # SET_VRING_BASE of a new packed ring: both wrap counters 1
 PAGE = 4096
 
 
@@ -141,6 +145,9 @@ class Buf:
 
 class DriverRing:
     """The driver's half of a split virtqueue laid out in GuestRam."""
+
+    packed = False
+    initial_base = 0
 
     def __init__(self, ram: GuestRam, index: int, num: int, event_idx: bool = False) -> None:
         self.ram, self.index, self.num = ram, index, num
@@ -258,6 +265,165 @@ class DriverRing:
             os.close(fd)
 
 
+class PackedDriverRing(DriverRing):
+    """The driver's half of a packed virtqueue (virtio 1.2 2.8) laid out in
+    GuestRam, with DriverRing's interface: ``desc`` is the descriptor ring,
+    ``avail`` the driver area and ``used`` the device area (what
+    SET_VRING_ADDR carries), heads are buffer ids.  ``add_chain`` writes a
+    chain with its head's flags held back; ``push_avail(id)`` stores them,
+    which makes the chain available (in the order chains were added)."""
+
+    packed = True
+    initial_base = PACKED_INITIAL_BASE
+
+    def __init__(self, ram: GuestRam, index: int, num: int, event_idx: bool = False) -> None:
+        self.ram, self.index, self.num = ram, index, num
+        self.event_idx = event_idx
+        self.desc = ram.alloc(16 * num, 16)
+        self.avail = ram.alloc(4, 4)      # driver event suppression
+        self.used = ram.alloc(4, 4)       # device event suppression
+        self.next_avail = 0               # ring position of the next descriptor we write
+        self.avail_wrap = True
+        self.last_used = 0                # ring position of the next used descriptor
+        self.used_wrap = True
+        self.avail_idx = 0                # chains made available (mod 2**16)
+        self.n_used = 0                   # used descriptors taken (mod 2**16)
+        self.free = list(range(num))      # buffer ids
+        self.free_descs = num
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.chains: dict[int, list[int]] = {}        # id -> ring positions it took
+        self._held: dict[int, tuple[int, int]] = {}    # id -> (head position, head flags)
+
+    def _avail_bits(self, wrap: bool) -> int:
+        return VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED
+
+    # Raw access, for crafting hostile rings.
+    def write_desc(self, i: int, addr: int, length: int, flags: int = 0, id: int = 0) -> None:  # noqa: A002
+        self.ram.write(self.desc + 16 * i, struct.pack("<QIHH", addr, length, id, flags))
+
+    def read_desc(self, i: int) -> tuple[int, int, int, int]:
+        """(addr, len, id, flags) at ring position i."""
+        addr, length, id_, flags = struct.unpack("<QIHH", self.ram.read(self.desc + 16 * i, 16))
+        return addr, length, id_, flags
+
+    def set_desc_flags(self, i: int, flags: int) -> None:
+        self.ram.write(self.desc + 16 * i + 14, struct.pack("<H", flags))
+
+    def avail_flags(self, wrap: bool | None = None) -> int:
+        """AVAIL/USED bits that make a descriptor available in lap `wrap` (default: ours now)."""
+        return self._avail_bits(self.avail_wrap if wrap is None else wrap)
+
+    def _advance(self) -> None:
+        self.next_avail += 1
+        if self.next_avail == self.num:
+            self.next_avail = 0
+            self.avail_wrap = not self.avail_wrap
+
+    def add_raw(self, descs: list[tuple[int, int, int, int]], wrap_bits: bool = True) -> int:
+        """Writes descriptors (addr, len, flags, id) at the next positions, the
+        AVAIL/USED bits added (wrap_bits) to all but the first, whose flags are
+        held for push_avail.  Returns the position of the first."""
+        head = self.next_avail
+        head_flags = 0
+        if descs:   # the driver side's record: the id of the last descriptor took these positions
+            self.chains[descs[-1][3]] = [(head + k) % self.num for k in range(len(descs))]
+        for k, (addr, length, flags, id_) in enumerate(descs):
+            f = flags | (self._avail_bits(self.avail_wrap) if wrap_bits else 0)
+            if k == 0:
+                self.write_desc(self.next_avail, addr, length, 0 if self.avail_wrap else VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED, id_)
+                head_flags = f
+            else:
+                self.write_desc(self.next_avail, addr, length, f, id_)
+            self._advance()
+        self._pending_head = (head, head_flags)
+        return head
+
+    def add_chain(self, bufs: list[Buf], indirect: bool = False) -> int:
+        """Puts a chain on the ring (not yet visible: call push_avail)."""
+        id_ = self.free.pop(0)
+        if indirect:
+            table = self.ram.alloc(16 * len(bufs), 16)
+            for i, b in enumerate(bufs):
+                self.ram.write(table + 16 * i, struct.pack("<QIHH", b.gpa, b.len, 0,
+                                                           VRING_DESC_F_WRITE if b.writable else 0))
+            descs = [(table, 16 * len(bufs), VRING_DESC_F_INDIRECT, id_)]
+        else:
+            descs = [(b.gpa, b.len, (VRING_DESC_F_WRITE if b.writable else 0)
+                      | (VRING_DESC_F_NEXT if k + 1 < len(bufs) else 0), id_) for k, b in enumerate(bufs)]
+        if len(descs) > self.free_descs:
+            raise MemoryError("packed test ring full")
+        self.free_descs -= len(descs)
+        positions = [(self.next_avail + k) % self.num for k in range(len(descs))]
+        self.add_raw(descs)
+        self._held[id_] = self._pending_head
+        self.chains[id_] = positions
+        return id_
+
+    def push_avail(self, head: int) -> None:
+        """Makes the chain added as buffer id `head` available (its head's flags)."""
+        pos, flags = self._held.pop(head)
+        self.set_desc_flags(pos, flags)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+
+    def push_raw(self) -> None:
+        """Makes the last add_raw() chain available."""
+        pos, flags = self._pending_head
+        self.set_desc_flags(pos, flags)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+
+    def set_driver_event(self, flags: int, off_wrap: int = 0) -> None:
+        self.ram.write(self.avail, struct.pack("<HH", off_wrap, flags))
+
+    def device_event(self) -> tuple[int, int]:
+        """(off_wrap, flags) of the device area."""
+        off_wrap, flags = struct.unpack("<HH", self.ram.read(self.used, 4))
+        return off_wrap, flags
+
+    def _used_at(self, pos: int, wrap: bool) -> bool:
+        flags = self.read_desc(pos)[3]
+        a, u = bool(flags & VRING_PACKED_DESC_F_AVAIL), bool(flags & VRING_PACKED_DESC_F_USED)
+        return a == u == wrap
+
+    def used_idx(self) -> int:
+        """Used descriptors the device has published, taken or not (mod 2**16):
+        what a split ring's used->idx says."""
+        n, pos, wrap = self.n_used, self.last_used, self.used_wrap
+        for _ in range(self.num):
+            if not self._used_at(pos, wrap):
+                break
+            id_ = self.read_desc(pos)[2]
+            step = len(self.chains.get(id_, [0]))
+            n += 1
+            pos += step
+            if pos >= self.num:
+                pos, wrap = pos - self.num, not wrap
+        return n & 0xFFFF
+
+    def take_used(self) -> list[tuple[int, int]]:
+        """Used descriptors since last time, freeing their ids."""
+        out = []
+        while self._used_at(self.last_used, self.used_wrap):
+            _, length, id_, _ = self.read_desc(self.last_used)
+            out.append((id_, length))
+            positions = self.chains.pop(id_, [0])
+            if id_ not in self.free and id_ < self.num:
+                self.free.append(id_)
+            self.free_descs += len(positions)
+            self.last_used += len(positions)
+            if self.last_used >= self.num:
+                self.last_used -= self.num
+                self.used_wrap = not self.used_wrap
+            self.n_used = (self.n_used + 1) & 0xFFFF
+        return out
+
+
+def make_ring(ram: GuestRam, index: int, num: int, event_idx: bool = False, packed: bool = False) -> DriverRing:
+    """A split or packed driver ring."""
+    return (PackedDriverRing if packed else DriverRing)(ram, index, num, event_idx)
+
+
 def _now() -> float:
     import time
     return time.monotonic()
@@ -343,9 +509,13 @@ class Frontend:
 
     # --- the usual QEMU sequence ------------------------------------------
 
-    def negotiate(self, want: int, protocol_want: int) -> tuple[int, int]:
+    def negotiate(self, want: int, protocol_want: int, packed: bool = False) -> tuple[int, int]:
+        """Acks offered & want; VIRTIO_F_RING_PACKED only with packed (the
+        rings are then PackedDriverRings): want=~0 means split rings."""
         offered = self.get_u64(Request.GET_FEATURES)
         features = offered & want
+        if not packed:
+            features &= ~bit(VirtioFeature.RING_PACKED)
         proto = 0
         if offered & bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
             proto = self.get_u64(Request.GET_PROTOCOL_FEATURES) & protocol_want
@@ -368,11 +538,13 @@ class Frontend:
     def rem_mem_reg(self, r: RamRegion) -> int:
         return self.call_ack(Request.REM_MEM_REG, MemRegMsg(self._region(r)).pack())
 
-    def start_ring(self, ring: DriverRing, base: int = 0, enable: bool = True,
+    def start_ring(self, ring: DriverRing, base: int | None = None, enable: bool = True,
                    protocol_features: bool = True) -> None:
+        """SET_VRING_ADDR's three addresses are desc/used/avail for a split
+        ring, descriptor ring/device area/driver area for a packed one."""
         ram = ring.ram
         self.send(Request.SET_VRING_NUM, VringState(ring.index, ring.num).pack())
-        self.send(Request.SET_VRING_BASE, VringState(ring.index, base).pack())
+        self.send(Request.SET_VRING_BASE, VringState(ring.index, ring.initial_base if base is None else base).pack())
         self.send(Request.SET_VRING_ADDR, VringAddr(
             ring.index, 0, ram.gpa_to_uva(ring.desc), ram.gpa_to_uva(ring.used),
             ram.gpa_to_uva(ring.avail), 0).pack())

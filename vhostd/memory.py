@@ -161,10 +161,12 @@ class InflightBuffer:
     back-end restarts so a new back-end resubmits them."""
 
     def __init__(self, fd: OwnedFd, mmap_size: int, mmap_offset: int,
-                 num_queues: int, queue_size: int) -> None:
-        """Maps fd (SET_INFLIGHT_FD, or one we created); closes fd."""
+                 num_queues: int, queue_size: int, packed: bool = False) -> None:
+        """Maps fd (SET_INFLIGHT_FD, or one we created); closes fd.  packed:
+        the regions have the packed layout (the front-end sets features
+        before it asks for the buffer)."""
         try:
-            per_queue = inflight_queue_size(queue_size)
+            per_queue = inflight_queue_size(queue_size, packed)
             if mmap_size != num_queues * per_queue:
                 raise GuestMemoryError(f"inflight buffer of {mmap_size} bytes, expected "
                                        f"{num_queues * per_queue} for {num_queues} queues of {queue_size}")
@@ -180,15 +182,16 @@ class InflightBuffer:
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.per_queue = per_queue
+        self.packed = packed
 
     @classmethod
-    def create(cls, num_queues: int, queue_size: int) -> tuple[InflightBuffer, OwnedFd]:
+    def create(cls, num_queues: int, queue_size: int, packed: bool = False) -> tuple[InflightBuffer, OwnedFd]:
         """A new zeroed buffer and the fd to hand the front-end (GET_INFLIGHT_FD)."""
-        size = num_queues * inflight_queue_size(queue_size)
+        size = num_queues * inflight_queue_size(queue_size, packed)
         fd = OwnedFd(os.memfd_create("vhostd-inflight", os.MFD_CLOEXEC))
         os.ftruncate(fd.fileno(), size)
         ours = OwnedFd(os.dup(fd.fileno()))
-        return cls(ours, size, 0, num_queues, queue_size), fd
+        return cls(ours, size, 0, num_queues, queue_size, packed), fd
 
     def region(self, ring: int) -> Any:
         """C pointer to ring's region, or NULL for rings beyond the buffer."""

@@ -34,6 +34,9 @@ RING_ERRORS: dict[int, str] = {
     lib.VHD_ERR_IOV: "chain has too many segments",
     lib.VHD_ERR_LEN: "chain length does not fit 32 bits",
     lib.VHD_ERR_LAYOUT: "used ring overlaps the avail ring or the descriptor table",
+    lib.VHD_ERR_ID: "buffer id already in flight",
+    lib.VHD_ERR_WRAP: "descriptor marked used in the driver's lap (wrap counter flipped)",
+    lib.VHD_ERR_INFLIGHT: "inflight region inconsistent with the ring",
 }
 
 
@@ -107,7 +110,10 @@ class RegionMapping:
             lib.vhd_unmap(base, self.length)
 
 
-def inflight_queue_size(queue_size: int) -> int:
+def inflight_queue_size(queue_size: int, packed: bool = False) -> int:
+    """Bytes of one ring's inflight region: split or packed layout (vhost-user.rst)."""
+    if packed:
+        return int(lib.vhd_inflight_queue_size_packed(queue_size))
     return int(lib.vhd_inflight_queue_size(queue_size))
 
 
@@ -205,12 +211,16 @@ class NativeVring:
     def setup(self, mem: MemTable, *, num: int, desc: int, avail: int, used: int,
               last_avail_idx: int, event_idx: bool, indirect: bool,
               call_fd: int, err_fd: int, broken_fd: int = -1, inflight: Any = ffi.NULL,
-              log: NativeLog | None = None, log_used_gpa: int | None = None) -> None:
+              log: NativeLog | None = None, log_used_gpa: int | None = None,
+              packed: bool = False, used_base: int = 0) -> None:
         """log: VHOST_F_LOG_ALL is on; log_used_gpa: VHOST_VRING_F_LOG's
-        log_guest_addr, where used ring writes are logged."""
+        log_guest_addr, where used ring writes are logged.  packed: desc,
+        avail and used are the descriptor ring, driver area and device
+        area; last_avail_idx and used_base carry a wrap counter in bit 15."""
         cfg = ffi.new("struct vhd_vring_config *", {
             "num": num, "desc_uva": desc, "avail_uva": avail, "used_uva": used,
-            "last_avail_idx": last_avail_idx, "event_idx": int(event_idx),
+            "last_avail_idx": last_avail_idx, "packed": int(packed), "used_base": used_base,
+            "event_idx": int(event_idx),
             "indirect": int(indirect), "call_fd": call_fd, "err_fd": err_fd,
             "broken_fd": broken_fd, "inflight": inflight,
             "log": ffi.NULL if log is None else log.ptr,
@@ -226,6 +236,16 @@ class NativeVring:
     @property
     def used_idx(self) -> int:
         return int(lib.vhd_vring_used_idx(self.ptr))
+
+    @property
+    def base(self) -> int:
+        """GET_VRING_BASE's value: split last_avail_idx, packed
+        last_avail_idx | used_idx << 16 (each with its wrap counter in bit 15)."""
+        return int(lib.vhd_vring_base(self.ptr))
+
+    @property
+    def packed(self) -> bool:
+        return bool(lib.vhd_vring_is_packed(self.ptr))
 
     def stats(self) -> VringStats:
         s = lib.vhd_vring_stats(self.ptr)

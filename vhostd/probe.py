@@ -238,6 +238,11 @@ class ProbeResult:
     def has_protocol(self, f: ProtocolFeature) -> bool:
         return self.protocol_features is not None and bool(self.protocol_features & bit(f))
 
+    def ring_layouts(self) -> list[str]:
+        """The virtqueue layouts every ring can run: split always (virtio 1.x),
+        packed with VIRTIO_F_RING_PACKED."""
+        return ["split"] + (["packed"] if self.features & bit(VirtioFeature.RING_PACKED) else [])
+
     def config_fields(self) -> dict[str, ConfigValue] | None:
         if self.config is None:
             return None
@@ -255,6 +260,7 @@ class ProbeResult:
             "protocol_features": None if proto is None else f"{proto:#018x}",
             "protocol_feature_names": [] if proto is None else protocol_feature_names(proto),
             "queue_num": self.queue_num,
+            "ring_layouts": self.ring_layouts(),
             "max_mem_slots": self.max_mem_slots,
             "config_size": None if self.config is None else len(self.config),
             "config": self.config_fields(),
@@ -360,7 +366,8 @@ def _text_rows(r: ProbeResult) -> list[Row]:
     else:
         rows += _feature_rows("protocol features", r.protocol_features,
                               protocol_feature_names(r.protocol_features))
-    rows += [("queues", _queue_text(r)), ("max memory slots", _mem_slots_text(r))]
+    rows += [("queues", _queue_text(r)), ("ring layouts", " ".join(r.ring_layouts()) + " (each ring)"),
+             ("max memory slots", _mem_slots_text(r))]
     rows += _config_rows(r)
     rows += [("note", note) for note in r.notes]
     return rows

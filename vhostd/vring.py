@@ -88,16 +88,21 @@ class Vring:
     def start(self, mem: GuestMemory, backend: QueueBackend, scheduler: Scheduler, *, owner: str,
               event_idx: bool, indirect: bool, options: WorkerOptions = WorkerOptions(),
               broken_fd: int = -1, inflight: Any = None, log: NativeLog | None = None,
-              qos: DeviceQos | None = None) -> None:
+              packed: bool = False, qos: DeviceQos | None = None) -> None:
         """log: the dirty log while VHOST_F_LOG_ALL is on; used ring writes
-        are logged too if SET_VRING_ADDR set VHOST_VRING_F_LOG.  qos: the
-        device's limits, in force from the ring's first turn."""
+        are logged too if SET_VRING_ADDR set VHOST_VRING_F_LOG.  packed:
+        VIRTIO_F_RING_PACKED; the three addresses are then the descriptor
+        ring, driver area and device area, and the base carries both
+        positions (see ``packed_bases``).  qos: the device's limits, in force
+        from the ring's first turn."""
         assert self.addr is not None and self.placement is None
+        avail_base, used_base = packed_bases(self.last_avail_idx) if packed else (self.last_avail_idx, 0)
         try:
             self.native.setup(
                 mem.table, num=self.num, desc=self.addr.desc_user_addr,
                 avail=self.addr.avail_user_addr, used=self.addr.used_user_addr,
-                last_avail_idx=self.last_avail_idx, event_idx=event_idx, indirect=indirect,
+                last_avail_idx=avail_base, packed=packed, used_base=used_base,
+                event_idx=event_idx, indirect=indirect,
                 call_fd=_fd_or_minus1(self.call), err_fd=_fd_or_minus1(self.err), broken_fd=broken_fd,
                 inflight=ffi.NULL if inflight is None else inflight, log=log,
                 log_used_gpa=self.addr.log_guest_addr if self.addr.flags & VHOST_VRING_F_LOG else None)
@@ -106,7 +111,7 @@ class Vring:
             raise VringError(
                 f"ring {self.index}: size {self.num}, desc {self.addr.desc_user_addr:#x}, "
                 f"avail {self.addr.avail_user_addr:#x}, used {self.addr.used_user_addr:#x}: "
-                f"{'not inside guest memory' if outside else 'misaligned or bad size'}", outside
+                f"{'not inside guest memory' if outside else 'misaligned, bad size or base'}", outside
             ) from None
         if qos is not None:
             qos.bind(self.native, self.index, backend.qos_classes)
@@ -123,13 +128,17 @@ class Vring:
 
     async def stop(self) -> None:
         """Detaches the ring from its worker (off the event loop: in-flight
-        I/O completes first) and saves last_avail_idx."""
+        I/O completes first) and saves its base (GET_VRING_BASE's value)."""
         placement, self.placement = self.placement, None
         if placement is not None:
             assert self.scheduler is not None
             self.scheduler.release(placement)
             await trio.to_thread.run_sync(placement.detach)
-            self.last_avail_idx = self.native.last_avail_idx
+            self.last_avail_idx = self.native.base
+
+    @property
+    def layout(self) -> str:
+        return "packed" if self.native.packed else "split"
 
     async def swap_memory(self, mem: GuestMemory) -> bool:
         """Hands the running ring a new table between two of its worker's
@@ -147,6 +156,18 @@ class Vring:
         close_all((self.kick, self.call, self.err))
         self.kick = self.call = self.err = None
         self.native.close()
+
+
+def packed_bases(base: int) -> tuple[int, int]:
+    """SET_VRING_BASE of a packed ring: the avail index in bits 0-14 and its
+    wrap counter in bit 15, the used index and wrap counter in bits 16-31
+    (vhost-user.rst).  DPDK's virtio-user sends only the low half (0x8000
+    for a new ring, "no reservation"), as rings stop with nothing in flight;
+    an empty high half then means the used position is the avail one."""
+    avail, used = base & 0xFFFF, base >> 16
+    if used == 0 and avail != 0:
+        used = avail
+    return avail, used
 
 
 def _fd_or_minus1(fd: OwnedFd | None) -> int:

@@ -36,6 +36,7 @@ COMMON_FEATURES = (
     | bit(VirtioFeature.RING_EVENT_IDX)
     | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
     | bit(VirtioFeature.LOG_ALL)
+    | bit(VirtioFeature.RING_PACKED)
 )
 # Offered by every device; each adds only what it uses (QEMU warns on every
 # start about a protocol feature its device type has no use for, e.g. CONFIG

@@ -247,6 +247,9 @@ class Session:
                 and vr.num > self.inflight.queue_size:
             raise ProtocolError(None, f"ring {vr.index}: size {vr.num} exceeds the inflight buffer's "
                                       f"queue size {self.inflight.queue_size}")
+        if self.inflight is not None and self.inflight.packed != self._packed:
+            raise ProtocolError(None, f"ring {vr.index}: the inflight buffer has the "
+                                      f"{'packed' if self.inflight.packed else 'split'} layout, the ring not")
         resubmitted = vr.stats().resubmitted
         try:
             vr.start(self.mem, self.device.queue_backend(vr.index), self.scheduler, owner=self.device.name,
@@ -254,14 +257,15 @@ class Session:
                      indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC),
                      options=self.device.workers, broken_fd=self._broken.fileno(),
                      inflight=self.inflight.region(vr.index) if self.inflight else None,
-                     log=self.log if self._logging else None, qos=self.device.qos)
+                     log=self.log if self._logging else None, packed=self._packed,
+                     qos=self.device.qos)
         except VringError as e:
             if memory_may_come and e.outside_memory:
                 log.warning("%s: %s; the ring waits for its memory", self.device.name, e)
                 return
             raise ProtocolError(None, str(e)) from None
-        log.info("%s: ring %d started (size %d, base %d, %s)", self.device.name, vr.index, vr.num,
-                 vr.native.last_avail_idx,
+        log.info("%s: ring %d started (%s, size %d, base %d, %s)", self.device.name, vr.index, vr.layout, vr.num,
+                 vr.native.base,
                  "own thread" if vr.worker is not None and vr.worker < 0 else f"worker {vr.worker}")
         if (n := vr.stats().resubmitted - resubmitted) > 0:
             log.info("%s: ring %d: resubmitting %d requests that were in flight", self.device.name, vr.index, n)
@@ -271,6 +275,10 @@ class Session:
         if vr.running:
             await vr.stop()
             self._start_if_ready(vr)
+
+    @property
+    def _packed(self) -> bool:
+        return self._has_feature(VirtioFeature.RING_PACKED)
 
     @property
     def _logging(self) -> bool:
@@ -538,7 +546,7 @@ class Session:
         assert isinstance(msg.payload, VringState)
         vr = self._stopped_vring(msg, msg.payload.index)
         n = msg.payload.num
-        if n == 0 or n > MAX_QUEUE_SIZE or n & (n - 1):
+        if n == 0 or n > MAX_QUEUE_SIZE or (n & (n - 1) and not self._packed):
             raise ProtocolError(msg.request, f"ring {vr.index}: size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
         vr.num = n
         return None
@@ -556,7 +564,8 @@ class Session:
     async def _set_vring_base(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
         vr = self._stopped_vring(msg, msg.payload.index)
-        if msg.payload.num > 0xFFFF:
+        # Packed rings: both positions with their wrap counters (32 bits).
+        if msg.payload.num > 0xFFFF and not self._packed:
             raise ProtocolError(msg.request, f"ring {vr.index}: base {msg.payload.num} does not fit 16 bits")
         vr.last_avail_idx = msg.payload.num
         return None
@@ -696,7 +705,7 @@ class Session:
 
     async def _get_inflight_fd(self, msg: Message) -> Reply:
         p = self._check_inflight(msg)
-        buf, fd = InflightBuffer.create(p.num_queues, p.queue_size)
+        buf, fd = InflightBuffer.create(p.num_queues, p.queue_size, self._packed)
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = buf
@@ -707,7 +716,7 @@ class Session:
         p = self._check_inflight(msg)
         fd = msg.fds.pop()
         try:
-            buf = InflightBuffer(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
+            buf = InflightBuffer(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size, self._packed)
         except GuestMemoryError as e:
             raise ProtocolError(msg.request, str(e)) from None
         if self.inflight is not None:
@@ -735,8 +744,9 @@ class Session:
             st = vr.stats()
             rings.append({
                 "index": vr.index, "size": vr.num, "enabled": vr.enabled, "running": vr.running,
+                "layout": "packed" if self._packed else "split",
                 "worker": vr.worker,
-                "last_avail_idx": vr.native.last_avail_idx if vr.running else vr.last_avail_idx,
+                "last_avail_idx": vr.native.base if vr.running else vr.last_avail_idx,
                 "requests": st.requests, "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
                 "errors": st.errors, "kicks": st.kicks, "calls": st.calls, "batches": st.batches,
                 "resubmitted": st.resubmitted, "broken": st.broken_reason,
