@@ -21,8 +21,9 @@
  *
  * A ring a QoS limit holds (qos.c) stops popping and tells when its buckets
  * open again; the worker keeps such rings on a list and sleeps on one
- * timerfd set for the earliest, in the same epoll: no busy loop, and the
- * ring's other events (kicks stay off meanwhile) do not wake it early. */
+ * timerfd set for the earliest (at least QOS_TIMER_SLACK_NS ahead), in the
+ * same epoll: no busy loop, and the ring's other events (kicks stay off
+ * meanwhile) do not wake it early. */
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -218,6 +219,19 @@ static void watch_backend(struct vhd_worker *w, vhd_task *t, bool want)
 
 /* --- rings a QoS limit holds --------------------------------------------------- */
 
+/* A throttled ring is woken at least this long after it stopped.  Every
+ * bucket holds at least 100 ms (qos.c), so a late wake-up loses no budget:
+ * the ring then takes the 1 ms's worth at once.  It bounds the wake-ups a
+ * limit costs to 1000 per second and worker, however low the rate per
+ * request (2000 IOPS would be 2000 timer wake-ups otherwise). */
+#define QOS_TIMER_SLACK_NS 1000000u
+
+static uint64_t slacked(uint64_t until)
+{
+    uint64_t earliest = vhd_qos_clock() + QOS_TIMER_SLACK_NS;
+    return until < earliest ? earliest : until;
+}
+
 static void arm_timer(struct vhd_worker *w, uint64_t at)
 {
     if (w->timer_at == at)
@@ -249,8 +263,9 @@ static void throttle(struct vhd_worker *w, vhd_task *t, uint64_t until)
         w->throttled_head.tprev->tnext = t;
         w->throttled_head.tprev = t;
     }
-    if (w->timer_at == 0 || until < w->timer_at)
-        arm_timer(w, until);
+    uint64_t at = slacked(until);
+    if (w->timer_at == 0 || at < w->timer_at)
+        arm_timer(w, at);
 }
 
 /* The timer fired: rings whose buckets are open run again; the timer is
@@ -272,7 +287,7 @@ static void timer_expired(struct vhd_worker *w)
         }
     }
     if (next)
-        arm_timer(w, next);
+        arm_timer(w, slacked(next));
 }
 
 static void unwatch(struct vhd_worker *w, int fd);
