@@ -39,6 +39,7 @@ from bench.blk_backend import build_blkfe  # noqa: E402
 
 VHOSTD = [sys.executable, "-m", "vhostd"]
 TOL = 0.05
+WINDOW = 10.0   # the issue: the rate within TOL over 10 s
 
 
 @pytest.fixture(scope="module")
@@ -169,29 +170,29 @@ def test_iops_limit_2000(serve: Callable[..., Serve], blkfe: Path) -> None:
     requests wait in the ring (no error), status shows limit, rate and
     throttled time."""
     s = serve({"d": "[devices.d.limits]\ntotal_iops_sec = 2000"})
-    fe = Blkfe(blkfe, s.sock("d"), 5)
+    fe = Blkfe(blkfe, s.sock("d"), WINDOW + 1)
     try:
         wait_attached(s, "d")
         t = time.monotonic()
         cpu0 = cpu_seconds(s.v.proc.pid)
-        measured = rate(lambda: s.requests("d"), t + 0.5, t + 4.5)
+        measured = rate(lambda: s.requests("d"), t + 0.5, t + 0.5 + WINDOW)
         cpu = (cpu_seconds(s.v.proc.pid) - cpu0) / (time.monotonic() - t)
         mid = s.device("d")["qos"]
         res = fe.result()
     finally:
         fe.kill()
-    print(f"\n2000 IOPS limit: {measured:.0f} IOPS (daemon, 4 s window), blkfe {res['iops']:.0f} over 5 s, "
+    print(f"\n2000 IOPS limit: {measured:.0f} IOPS (daemon, 10 s window), blkfe {res['iops']:.0f} over 11 s, "
           f"daemon CPU {100 * cpu:.1f} %")
     # the throttled ring sleeps on its timer: no spinning (a busy loop is 100 %)
     assert cpu < 0.25
     assert measured == pytest.approx(2000, rel=TOL)
-    assert res["iops"] == pytest.approx(2000, rel=TOL)   # + 100 ms of bucket over 5 s: 2 %
+    assert res["iops"] == pytest.approx(2000, rel=TOL)   # + 100 ms of bucket over 11 s: 1 %
     assert res["errors"] == 0
     assert mid["limits"] == {"total_iops_sec": 2000}
     assert mid["rates"]["iops"] == pytest.approx(2000, rel=0.1)
     q = s.device("d")["qos"]
     # QD32 against 2000/s: the ring waits nearly all the time
-    assert q["throttled_seconds"] > 3 and q["throttles"] > 100
+    assert q["throttled_seconds"] > WINDOW and q["throttles"] > 100
     text = s.cli("status").stdout
     assert "qos: total_iops_sec=2000; throttled" in text, text
     top = s.cli("top", "--count", "2", "--interval", "0.2").stdout
@@ -201,11 +202,11 @@ def test_iops_limit_2000(serve: Callable[..., Serve], blkfe: Path) -> None:
 def test_bandwidth_limit_20mib(serve: Callable[..., Serve], blkfe: Path) -> None:
     """write_bytes_sec = 20 MiB/s with 64 KiB random writes: 20 MiB/s within 5 %."""
     s = serve({"d": f"[devices.d.limits]\nwrite_bytes_sec = {20 << 20}"})
-    fe = Blkfe(blkfe, s.sock("d"), 4, rw="randwrite", bs=65536, qd=16)
+    fe = Blkfe(blkfe, s.sock("d"), WINDOW + 1, rw="randwrite", bs=65536, qd=16)
     try:
         wait_attached(s, "d")
         t = time.monotonic()
-        measured = rate(lambda: sum(r["bytes_read"] for r in s.device("d")["rings"]), t + 0.5, t + 3.5)
+        measured = rate(lambda: sum(r["bytes_read"] for r in s.device("d")["rings"]), t + 0.5, t + 0.5 + WINDOW)
         res = fe.result()
     finally:
         fe.kill()
@@ -407,7 +408,7 @@ def test_net_limit(serve: Callable[..., Serve], testpmd_bin: str, tmp_path: Path
     try:
         t.wait_forwarding()
         start = time.monotonic()
-        measured = rate(lambda: _pairs(s, "n", key), start + 0.5, start + 3.0)
+        measured = rate(lambda: _pairs(s, "n", key), start + 0.5, start + 0.5 + WINDOW)
         fwd = t.stop()
     finally:
         t.cleanup()
@@ -419,4 +420,4 @@ def test_net_limit(serve: Callable[..., Serve], testpmd_bin: str, tmp_path: Path
     if mode == "txonly":
         # back-pressure: testpmd found the ring full, vhostd took what the limit allows
         assert fwd.tx_dropped > 0
-    assert s.device("n")["qos"]["throttled_seconds"] > 1
+    assert s.device("n")["qos"]["throttled_seconds"] > WINDOW / 2
