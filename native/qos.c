@@ -31,7 +31,6 @@
 #define T_SHIFT 4                                  /* times in 1/16 ns */
 #define T_SEC ((uint64_t)1000000000u << T_SHIFT)
 #define FP_SHIFT 24                                /* inc = cost * inc_fp >> FP_SHIFT */
-#define OPS_ONE ((uint64_t)1 << VHD_QOS_OPS_SHIFT)
 
 struct cell {
     uint64_t inc_fp;      /* 0: cell off; else time per unit of cost, fixed point */
@@ -240,9 +239,7 @@ void vhd_qos_charge(vhd_qos *q, uint32_t cls, uint64_t bytes, uint64_t ops, uint
 
 uint64_t vhd_qos_op_cost(const vhd_qos *q, uint64_t bytes)
 {
-    if (q->op_size && bytes > q->op_size)
-        return sat64(((unsigned __int128)bytes << VHD_QOS_OPS_SHIFT) / q->op_size);
-    return OPS_ONE;
+    return vhd_qos_op_cost_of(q->op_size, bytes);
 }
 
 /* --- gates: one per ring ------------------------------------------------------ */
@@ -301,10 +298,7 @@ void vhd_qos_gate_end_turn(vhd_qos_gate *g)
 
 bool vhd_qos_gate_admit(vhd_qos_gate *g, const vhd_vring *vr)
 {
-    /* Within a batch (net: up to batch frames are charged at once) only
-     * the first pop looks at the buckets. */
-    if (g->n > 0 && g->n < g->batch && !g->until)
-        return true;
+    /* (vhd_qos_may_pop let the pops inside a batch through.) */
     uint64_t now = vhd_qos_clock(), until;
     gate_flush(g, now);
     if (vhd_qos_admit(g->q, g->classes, now, &until)) {
@@ -335,6 +329,7 @@ void vhd_vring_set_qos(vhd_vring *vr, vhd_qos_gate *g, vhd_qos *q)
         memset(g->bytes, 0, sizeof(g->bytes));
         memset(g->ops, 0, sizeof(g->ops));
         g->q = q;
+        g->op_size = q ? q->op_size : 0;
         if (!q)
             throttle_end(g, now);
         else

@@ -232,6 +232,7 @@ static inline void vhd_vring_log_iov(vhd_vring *vr, const struct iovec *iov, int
  * while it runs; the stats are read racily by the control plane. */
 struct vhd_qos_gate {
     vhd_qos *q;
+    uint64_t op_size;          /* q's size_iops_sec, 0: none (copied: counted inline) */
     uint32_t classes;
     uint32_t batch;
     uint32_t n;                /* requests counted, not yet charged */
@@ -249,13 +250,31 @@ void vhd_qos_gate_end_turn(vhd_qos_gate *g);
  * processing returns with kicks off and the worker wakes it on a timer. */
 static inline bool vhd_qos_may_pop(vhd_vring *vr)
 {
-    return __builtin_expect(vr->qos == NULL, 1) || vhd_qos_gate_admit(vr->qos, vr);
+    vhd_qos_gate *g = vr->qos;
+    if (__builtin_expect(g == NULL, 1))
+        return true;
+    /* Within a batch (net: up to batch frames are charged at once) only
+     * the first pop looks at the buckets. */
+    if (g->n > 0 && g->n < g->batch && !g->until)
+        return true;
+    return vhd_qos_gate_admit(g, vr);
 }
 
 /* True if the last vhd_qos_may_pop() said no. */
 static inline bool vhd_qos_throttled(const vhd_vring *vr)
 {
     return vr->qos != NULL && vr->qos->until != 0;
+}
+
+/* What a request of `bytes` costs in 1/2^VHD_QOS_OPS_SHIFT ops: one op, or
+ * with size_iops_sec (op_size) bytes / op_size if that is more. */
+static inline uint64_t vhd_qos_op_cost_of(uint64_t op_size, uint64_t bytes)
+{
+    if (op_size && bytes > op_size) {
+        unsigned __int128 v = ((unsigned __int128)bytes << VHD_QOS_OPS_SHIFT) / op_size;
+        return v > UINT64_MAX / 2 ? UINT64_MAX / 2 : (uint64_t)v;
+    }
+    return (uint64_t)1 << VHD_QOS_OPS_SHIFT;
 }
 
 /* Counts one popped request of class VHD_QOS_READ or VHD_QOS_WRITE. */
@@ -266,7 +285,7 @@ static inline void vhd_qos_count(vhd_vring *vr, uint32_t cls, uint64_t bytes)
         return;
     int c = cls == VHD_QOS_WRITE;
     g->bytes[c] += bytes;
-    g->ops[c] += vhd_qos_op_cost(g->q, bytes);
+    g->ops[c] += vhd_qos_op_cost_of(g->op_size, bytes);
     g->n++;
 }
 
