@@ -221,6 +221,9 @@ BACKENDS: dict[str, Callable[[Path, Path, int], list[str]]] = {
     "qsd-hotadd": _qsd(""),
 }
 DEFAULT_BACKENDS = ("vhostd", "qsd", "qsd-io_uring")
+# vhostd-limited against vhostd, same round: limited_vs_unlimited (IOPS) and
+# cpu_limited_vs_unlimited (back-end CPU per request); the goal: >= 0.97 IOPS.
+LIMITED_PAIR = ("vhostd-limited", "vhostd")
 # Back-end name -> extra blkfe options (regions and hot-add ones: frontend_options()).
 FRONTEND_OPTIONS: dict[str, list[str]] = {"vhostd-log": ["--log"], "qsd-log": ["--log"]}
 LOG_SUFFIX = "-log"
@@ -458,6 +461,11 @@ def summarize(runs: list[Row], failures: list[Row], images: list[str], workloads
                         "logged_pages_per_s": statistics.median(rates) if (rates := [
                             r["logged_pages"] / r["seconds"] for r in mine
                             if r.get("logged_pages") is not None]) else None,
+                    }
+                if b == LIMITED_PAIR[0] and LIMITED_PAIR[1] in backends:
+                    log_cols |= {
+                        "limited_vs_unlimited": _ratio(group, b, "iops", LIMITED_PAIR[1]),
+                        "cpu_limited_vs_unlimited": _ratio(group, b, "cpu_s_per_mreq", LIMITED_PAIR[1]),
                     }
                 rows.append({
                     "image": image, "workload": w.name, "backend": b,
