@@ -61,8 +61,13 @@ VHOSTD_VARIANTS = {
     "vhostd": [],
     "vhostd-poll50": ["--poll-us", "50"],
     "vhostd-poll200": ["--poll-us", "200"],
+    # QoS limits far above what the machine does (the gate's cost, against "vhostd")
+    "vhostd-limited": ["--limit", "tx_packets_sec=1000000000", "--limit", "tx_bytes_sec=1000000000000",
+                       "--limit", "rx_packets_sec=1000000000", "--limit", "rx_bytes_sec=1000000000000"],
     "vhostd-packed": [],
 }
+# vhostd-limited against vhostd, same round: limited_vs_unlimited (the goal: >= 0.97).
+LIMITED_PAIR = ("vhostd-limited", "vhostd")
 # Back-ends whose front-end lays out packed rings (virtio_user packed_vq=1); the
 # anchor's packed twin is DPDK net_vhost with the same front-end.  packed_vs_split:
 # vhostd-packed against vhostd, vs_dpdk_packed: against dpdk-packed, same round.
@@ -324,6 +329,13 @@ def summarize(runs: list[Row], backends: list[str], directions: list[str],
                         log_cols[col] = net.median_or_none(net.ratio_by_round(runs, "mpps", b, other, direction=d))
                         log_cols["ns_" + col] = net.median_or_none(net.ratio_by_round(
                             runs, "cpu_ns_per_frame", b, other, direction=d))
+            if b == LIMITED_PAIR[0] and LIMITED_PAIR[1] in backends:
+                log_cols |= {
+                    "limited_vs_unlimited": net.median_or_none(net.ratio_by_round(
+                        runs, "mpps", b, LIMITED_PAIR[1], direction=d)),
+                    "ns_limited_vs_unlimited": net.median_or_none(net.ratio_by_round(
+                        runs, "cpu_ns_per_frame", b, LIMITED_PAIR[1], direction=d)),
+                }
             if all(n in backends for n in LOG_PAIR):
                 on = b == LOG_PAIR[0]
                 log_cols = {

@@ -280,6 +280,15 @@ void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *
     }
 }
 
+/* QoS: reads and writes count (QEMU throttles nothing else). */
+void vhd_blk_qos_count(vhd_vring *vr, const struct vhd_blk_req *r)
+{
+    if (r->op == VHD_BLK_OP_READ)
+        vhd_qos_count(vr, VHD_QOS_READ, r->len);
+    else if (r->op == VHD_BLK_OP_WRITE)
+        vhd_qos_count(vr, VHD_QOS_WRITE, r->len);
+}
+
 /* Synchronous execution (the sync engine, and O_DIRECT's fallback for
  * buffers the kernel refuses to DMA into). */
 uint8_t vhd_blk_execute_sync(const vhd_blk *blk, vhd_vring *vr, struct vhd_blk_req *r)
@@ -313,6 +322,7 @@ int vhd_blk_handle(vhd_blk *blk, vhd_vring *vr, struct vhd_chain *c)
     struct vhd_blk_req r;
     vr->stats.requests++;
     vhd_blk_parse(blk, c, &r);
+    vhd_blk_qos_count(vr, &r);
     uint8_t status = vhd_blk_execute_sync(blk, vr, &r);
     vhd_blk_complete(vr, &r, status);
     return status;

@@ -206,7 +206,7 @@ static int submit(vhd_blk_queue *q, vhd_vring *vr)
 {
     int queued = 0;
     int rc = 0;
-    while (q->nfree > 0) {
+    while (q->nfree > 0 && vhd_qos_may_pop(vr)) {
         uint32_t n = q->free[q->nfree - 1];
         struct slot *s = &q->slots[n];
         rc = vhd_vring_pop(vr, &s->chain);
@@ -215,6 +215,7 @@ static int submit(vhd_blk_queue *q, vhd_vring *vr)
         q->nfree--;
         vr->stats.requests++;
         vhd_blk_parse(q->blk, &s->chain, &s->req);
+        vhd_blk_qos_count(vr, &s->req);
         if (s->req.op == VHD_BLK_OP_DONE) {
             vhd_blk_complete(vr, &s->req, s->req.result);
             release(q, n);
@@ -262,6 +263,8 @@ int vhd_blk_queue_run(vhd_blk_queue *q, vhd_vring *vr)
             continue;
         if (q->nfree == 0)
             return 0;            /* full: the completion eventfd wakes us */
+        if (vhd_qos_throttled(vr))
+            return 0;            /* a limit: the worker's timer wakes us, kicks stay off */
         if (!vhd_vring_enable_notify(vr))
             return 0;            /* idle until a kick or a completion */
     }

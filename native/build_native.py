@@ -10,7 +10,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["mem.c", "vring.c", "vring_packed.c", "iov.c", "log.c", "blk.c", "blk_uring.c", "net.c", "net_ctrl.c", "sched.c", "sandbox.c"]
+SOURCES = ["mem.c", "vring.c", "vring_packed.c", "iov.c", "log.c", "blk.c", "blk_uring.c", "net.c", "net_ctrl.c", "sched.c", "sandbox.c", "qos.c"]
 CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]
 # The test suite's build (./dev setup) compiles in hooks that break things on
 # purpose, to show that the tests catch it (e.g. a dirty log that drops

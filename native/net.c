@@ -217,6 +217,7 @@ static int tx_prepare(vhd_net *net, struct vhd_chain *c, struct virtio_net_hdr_v
 
 static void tx_account(vhd_net *net, vhd_vring *vr, ssize_t r, uint32_t frame_len)
 {
+    vhd_qos_count(vr, VHD_QOS_WRITE, frame_len);
     if (r < 0) {
         net->stats.tx_dropped++;
     } else {
@@ -278,7 +279,7 @@ static int tx_batch(vhd_net *net, vhd_vring *vr, bool *more, bool *broken)
     struct vhd_chain chain;
     int n = 0, handled = 0, rc = VHD_POP_OK;
     size_t pool = 0;
-    while (n < TX_URING_BATCH && (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
+    while (n < TX_URING_BATCH && vhd_qos_may_pop(vr) && (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
         handled++;
         vr->stats.requests++;
         if (pool + chain.n_out + 1 > TX_IOV_POOL) {
@@ -321,6 +322,8 @@ int vhd_net_tx(vhd_net *net, vhd_vring *vr)
         total += handled;
         if (broken)
             return total;
+        if (vhd_qos_throttled(vr))
+            return total;    /* a limit: the worker's timer wakes us, kicks stay off */
         if (more || handled > 0)
             continue;
         if (!vhd_vring_enable_notify(vr))
@@ -405,6 +408,8 @@ static void rx_prefetch(const vhd_net *net, const struct iovec *guest, int nseg)
  * back-end is empty, VHD_RX_STARVED, or a ring error. */
 static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
 {
+    if (!vhd_qos_may_pop(vr))
+        return VHD_RX_THROTTLED;     /* the frames wait in the back-end */
     int rc = pop_rx(net, vr, c, net->hdr_len);
     if (rc != VHD_POP_OK)
         return rc == VHD_POP_EMPTY ? VHD_RX_STARVED : rc;
@@ -491,6 +496,7 @@ static int rx_one(vhd_net *net, vhd_vring *vr, struct vhd_chain *c)
         vhd_vring_push(vr, heads[i], lens[i]);
     net->stats.rx_frames++;
     net->stats.rx_bytes += len - net->hdr_len;
+    vhd_qos_count(vr, VHD_QOS_READ, len - net->hdr_len);
     vr->stats.bytes_written += len;
     vr->stats.requests++;
     return 1;
@@ -512,7 +518,7 @@ int vhd_net_rx(vhd_net *net, vhd_vring *vr)
             batch++;
         total += batch;
         vhd_vring_flush(vr);
-        if (rc < 0)
+        if (rc < 0 || rc == VHD_RX_THROTTLED)
             return rc;
         if (rc == 0)
             return VHD_RX_IDLE;

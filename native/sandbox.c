@@ -71,6 +71,7 @@ static const int allowed[] = {
 #endif
     SYS_munmap, SYS_madvise, SYS_mremap, SYS_brk,   /* mmap, mprotect: below, without PROT_EXEC */
     SYS_clock_gettime, SYS_clock_nanosleep, SYS_nanosleep, SYS_sched_yield,
+    SYS_timerfd_settime,                            /* QoS: a throttled ring's wake-up */
     SYS_gettid, SYS_getpid,
     SYS_rt_sigprocmask, SYS_restart_syscall, SYS_rseq,
     SYS_exit,                                       /* the thread ends (not exit_group) */

@@ -17,7 +17,13 @@
  * caller's policy (vhostd/scheduler.py).
  *
  * A ring of a back-end that blocks (the synchronous blk engine) gets an
- * exclusive worker: the same loop on a thread of its own, ended with it. */
+ * exclusive worker: the same loop on a thread of its own, ended with it.
+ *
+ * A ring a QoS limit holds (qos.c) stops popping and tells when its buckets
+ * open again; the worker keeps such rings on a list and sleeps on one
+ * timerfd set for the earliest (at least QOS_TIMER_SLACK_NS ahead), in the
+ * same epoll: no busy loop, and the ring's other events (kicks stay off
+ * meanwhile) do not wake it early. */
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -28,6 +34,7 @@
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "vhd.h"
@@ -46,7 +53,7 @@
  * this many rounds (an epoll_wait(0) costs a syscall). */
 #define POLL_EPOLL_ROUNDS 16
 
-enum watch_kind { W_COMMAND, W_KICK, W_BACKEND };
+enum watch_kind { W_COMMAND, W_KICK, W_BACKEND, W_TIMER };
 
 struct watch {
     vhd_task *task;           /* NULL for the command eventfd */
@@ -83,6 +90,8 @@ struct vhd_task {
     struct watch backend_watch;
     vhd_task *prev, *next;    /* the worker's ready list */
     uint32_t slot;            /* index in w->tasks */
+    bool throttled;           /* on the worker's throttled list (a QoS limit holds it) */
+    vhd_task *tprev, *tnext;
 };
 
 struct vhd_worker {
@@ -101,6 +110,10 @@ struct vhd_worker {
     uint32_t npolled;         /* rings without a kick fd */
     uint64_t last_poll_ns;
     vhd_task ready_head;      /* sentinel of a circular list */
+    int timer_fd;             /* QoS: wakes throttled rings */
+    struct watch timer_watch;
+    uint64_t timer_at;        /* when it is armed for (0: disarmed) */
+    vhd_task throttled_head;  /* sentinel: rings a limit holds */
     struct vhd_worker_stats stats;
 };
 
@@ -124,7 +137,7 @@ static void blk_handler(void *blk, vhd_vring *vr, struct vhd_chain *c)
     vhd_vring_flush_if_big(vr);
 }
 
-int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
+static int process(vhd_vring *vr, int dev_kind, void *dev)
 {
     switch (dev_kind) {
     case VHD_DEV_BLK:
@@ -140,6 +153,14 @@ int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
     default:
         return 0;
     }
+}
+
+int vhd_process_ring(vhd_vring *vr, int dev_kind, void *dev)
+{
+    int rc = process(vr, dev_kind, dev);
+    if (vr->qos)
+        vhd_qos_gate_end_turn(vr->qos);   /* what the turn counted reaches the buckets */
+    return rc;
 }
 
 /* True if the ring would find work now (busy-poll). */
@@ -196,6 +217,79 @@ static void watch_backend(struct vhd_worker *w, vhd_task *t, bool want)
     t->backend_watched = want;
 }
 
+/* --- rings a QoS limit holds --------------------------------------------------- */
+
+/* A throttled ring is woken at least this long after it stopped.  Every
+ * bucket holds at least 100 ms (qos.c), so a late wake-up loses no budget:
+ * the ring then takes the 1 ms's worth at once.  It bounds the wake-ups a
+ * limit costs to 1000 per second and worker, however low the rate per
+ * request (2000 IOPS would be 2000 timer wake-ups otherwise). */
+#define QOS_TIMER_SLACK_NS 1000000u
+
+static uint64_t slacked(uint64_t until)
+{
+    uint64_t earliest = vhd_qos_clock() + QOS_TIMER_SLACK_NS;
+    return until < earliest ? earliest : until;
+}
+
+static void arm_timer(struct vhd_worker *w, uint64_t at)
+{
+    if (w->timer_at == at)
+        return;
+    struct itimerspec its = { 0 };
+    its.it_value.tv_sec = (time_t)(at / 1000000000u);
+    its.it_value.tv_nsec = (long)(at % 1000000000u);
+    if (at == 0)
+        its.it_value.tv_nsec = 0;   /* disarm */
+    timerfd_settime(w->timer_fd, TFD_TIMER_ABSTIME, &its, NULL);
+    w->timer_at = at;
+}
+
+static void unthrottle(vhd_task *t)
+{
+    if (!t->throttled)
+        return;
+    t->tprev->tnext = t->tnext;
+    t->tnext->tprev = t->tprev;
+    t->throttled = false;
+}
+
+static void throttle(struct vhd_worker *w, vhd_task *t, uint64_t until)
+{
+    if (!t->throttled) {
+        t->throttled = true;
+        t->tprev = w->throttled_head.tprev;
+        t->tnext = &w->throttled_head;
+        w->throttled_head.tprev->tnext = t;
+        w->throttled_head.tprev = t;
+    }
+    uint64_t at = slacked(until);
+    if (w->timer_at == 0 || at < w->timer_at)
+        arm_timer(w, at);
+}
+
+/* The timer fired: rings whose buckets are open run again; the timer is
+ * set for the earliest of the others.  The buckets are shared, so a ring
+ * may find them closed again: it is simply throttled anew. */
+static void timer_expired(struct vhd_worker *w)
+{
+    uint64_t now = vhd_qos_clock(), next = 0;
+    w->timer_at = 0;
+    for (vhd_task *t = w->throttled_head.tnext, *n; t != &w->throttled_head; t = n) {
+        n = t->tnext;
+        uint64_t until = t->vr->qos ? t->vr->qos->until : 0;
+        if (until <= now) {
+            unthrottle(t);
+            if (!t->stopping)
+                make_ready(w, t);
+        } else if (next == 0 || until < next) {
+            next = until;
+        }
+    }
+    if (next)
+        arm_timer(w, slacked(next));
+}
+
 static void unwatch(struct vhd_worker *w, int fd);
 
 /* One budget of work.  Returns true if requests were handled. */
@@ -210,6 +304,8 @@ static bool run_task(struct vhd_worker *w, vhd_task *t)
         watch_backend(w, t, rc == VHD_RX_IDLE);
     if (vhd_vring_take_more(t->vr))
         make_ready(w, t);
+    if (vhd_qos_throttled(t->vr))
+        throttle(w, t, t->vr->qos->until);
     if (t->vr->stats.broken && !t->quiet) {
         /* The guest broke the ring: nothing more is taken from it until the
          * front-end sets it up again (a new task).  Its kicks stop waking the
@@ -279,6 +375,10 @@ static bool handle_events(struct vhd_worker *w, const struct epoll_event *ev, in
         case W_BACKEND:
             make_ready(w, wa->task);
             break;
+        case W_TIMER:
+            drain_eventfd(w->timer_fd);   /* the expiry count: 8 bytes, like an eventfd */
+            timer_expired(w);
+            break;
         }
     }
     return commands && run_commands(w);
@@ -288,7 +388,8 @@ static bool handle_events(struct vhd_worker *w, const struct epoll_event *ev, in
 
 static bool polling(const vhd_task *t)
 {
-    return t->poll_ns > 0 && !t->stopping && t->kick_fd >= 0 && !t->vr->stats.broken;
+    return t->poll_ns > 0 && !t->stopping && t->kick_fd >= 0 && !t->vr->stats.broken &&
+           !vhd_qos_throttled(t->vr);   /* a limit holds it: its timer, not a spin */
 }
 
 /* --poll-us: after a pass that did work, watch every polling ring of this
@@ -417,6 +518,7 @@ static void finish_detach(struct vhd_worker *w, vhd_task *t)
 {
     unwatch(w, t->backend_fd);
     unready(t);
+    unthrottle(t);
     if (t->adopted) {
         vhd_task *last = w->tasks[--w->ntasks];
         w->tasks[t->slot] = last;
@@ -511,6 +613,8 @@ static void worker_free(struct vhd_worker *w)
         close(w->epoll_fd);
     if (w->cmd_fd >= 0)
         close(w->cmd_fd);
+    if (w->timer_fd >= 0)
+        close(w->timer_fd);
     pthread_mutex_destroy(&w->lock);
     pthread_cond_destroy(&w->cond);
     free(w->tasks);
@@ -528,13 +632,19 @@ static struct vhd_worker *worker_new(uint32_t index, int cpu, bool exclusive, in
     w->exclusive = exclusive;
     w->cmds_tail = &w->cmds;
     w->ready_head.prev = w->ready_head.next = &w->ready_head;
+    w->throttled_head.tprev = w->throttled_head.tnext = &w->throttled_head;
     w->cmd_watch.kind = W_COMMAND;
+    w->timer_watch.kind = W_TIMER;
     pthread_mutex_init(&w->lock, NULL);
     pthread_cond_init(&w->cond, NULL);
     w->cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    w->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
     w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &w->cmd_watch };
-    if (w->cmd_fd < 0 || w->epoll_fd < 0 || epoll_ctl(w->epoll_fd, EPOLL_CTL_ADD, w->cmd_fd, &ev) < 0) {
+    struct epoll_event tev = { .events = EPOLLIN, .data.ptr = &w->timer_watch };
+    if (w->cmd_fd < 0 || w->timer_fd < 0 || w->epoll_fd < 0 ||
+        epoll_ctl(w->epoll_fd, EPOLL_CTL_ADD, w->cmd_fd, &ev) < 0 ||
+        epoll_ctl(w->epoll_fd, EPOLL_CTL_ADD, w->timer_fd, &tev) < 0) {
         *err = -errno;
         worker_free(w);
         return NULL;

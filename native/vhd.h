@@ -196,6 +196,7 @@ struct vhd_vring {
     bool log_used;             /* VHOST_VRING_F_LOG: used ring writes too, at log_used_gpa */
     uint64_t log_used_gpa;
     struct vhd_vring_stats stats;
+    vhd_qos_gate *qos;         /* QoS limits (qos.c), NULL: unlimited; set after setup */
 };
 
 /* Relaxed loads/stores of guest-shared 16-bit fields: the guest writes them
@@ -226,6 +227,67 @@ static inline void vhd_vring_log_iov(vhd_vring *vr, const struct iovec *iov, int
 {
     if (__builtin_expect(vr->log != NULL, 0))
         vhd_vring_log_iov_slow(vr, iov, n, len);
+}
+
+/* QoS (qos.c): one gate per limited ring.  Owned by the ring's worker
+ * while it runs; the stats are read racily by the control plane. */
+struct vhd_qos_gate {
+    vhd_qos *q;
+    uint64_t op_size;          /* q's size_iops_sec, 0: none (copied: counted inline) */
+    uint32_t classes;
+    uint32_t batch;
+    uint32_t n;                /* requests counted, not yet charged */
+    uint64_t bytes[2];         /* ... per class: [0] READ, [1] WRITE */
+    uint64_t ops[2];
+    uint64_t until;            /* throttled: the clock value the buckets open at; 0: not */
+    struct vhd_qos_gate_stats stats;
+};
+
+bool vhd_qos_gate_admit(vhd_qos_gate *g, const vhd_vring *vr);
+/* Charges what the turn counted (the worker, after each turn). */
+void vhd_qos_gate_end_turn(vhd_qos_gate *g);
+
+/* May the ring pop a request now?  False: a limit holds it; the ring's
+ * processing returns with kicks off and the worker wakes it on a timer. */
+static inline bool vhd_qos_may_pop(vhd_vring *vr)
+{
+    vhd_qos_gate *g = vr->qos;
+    if (__builtin_expect(g == NULL, 1))
+        return true;
+    /* Within a batch (net: up to batch frames are charged at once) only
+     * the first pop looks at the buckets. */
+    if (g->n > 0 && g->n < g->batch && !g->until)
+        return true;
+    return vhd_qos_gate_admit(g, vr);
+}
+
+/* True if the last vhd_qos_may_pop() said no. */
+static inline bool vhd_qos_throttled(const vhd_vring *vr)
+{
+    return vr->qos != NULL && vr->qos->until != 0;
+}
+
+/* What a request of `bytes` costs in 1/2^VHD_QOS_OPS_SHIFT ops: one op, or
+ * with size_iops_sec (op_size) bytes / op_size if that is more. */
+static inline uint64_t vhd_qos_op_cost_of(uint64_t op_size, uint64_t bytes)
+{
+    if (op_size && bytes > op_size) {
+        unsigned __int128 v = ((unsigned __int128)bytes << VHD_QOS_OPS_SHIFT) / op_size;
+        return v > UINT64_MAX / 2 ? UINT64_MAX / 2 : (uint64_t)v;
+    }
+    return (uint64_t)1 << VHD_QOS_OPS_SHIFT;
+}
+
+/* Counts one popped request of class VHD_QOS_READ or VHD_QOS_WRITE. */
+static inline void vhd_qos_count(vhd_vring *vr, uint32_t cls, uint64_t bytes)
+{
+    vhd_qos_gate *g = vr->qos;
+    if (__builtin_expect(g == NULL, 1))
+        return;
+    int c = cls == VHD_QOS_WRITE;
+    g->bytes[c] += bytes;
+    g->ops[c] += vhd_qos_op_cost_of(g->op_size, bytes);
+    g->n++;
 }
 
 /* mem.c: the guest-physical address of a host address inside a region
@@ -309,6 +371,7 @@ struct vhd_blk_req {
 void vhd_blk_parse(const vhd_blk *blk, struct vhd_chain *c, struct vhd_blk_req *r);
 uint8_t vhd_blk_execute_sync(const vhd_blk *blk, vhd_vring *vr, struct vhd_blk_req *r);
 int vhd_blk_fallocate_result(const struct vhd_blk_seg *seg, int res);
+void vhd_blk_qos_count(vhd_vring *vr, const struct vhd_blk_req *r);
 void vhd_blk_advance(vhd_vring *vr, struct vhd_blk_req *r, size_t bytes);
 void vhd_blk_complete(vhd_vring *vr, struct vhd_blk_req *r, uint8_t status);
 

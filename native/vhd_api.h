@@ -256,10 +256,12 @@ const struct vhd_net_stats *vhd_net_stats(const vhd_net *net);
 int vhd_net_tx(vhd_net *net, vhd_vring *vr);
 /* Moves frames from the back-end into the RX ring until one side is empty.
  * Returns VHD_RX_IDLE (back-end empty), VHD_RX_STARVED (guest has no
- * buffers; kicks are enabled) or a negative VHD_ERR_* (ring broken). */
+ * buffers; kicks are enabled), VHD_RX_THROTTLED (a QoS limit: the frames
+ * wait in the back-end) or a negative VHD_ERR_* (ring broken). */
 int vhd_net_rx(vhd_net *net, vhd_vring *vr);
 #define VHD_RX_IDLE 0
 #define VHD_RX_STARVED 1
+#define VHD_RX_THROTTLED 2      /* a limit holds the frames in the back-end */
 
 /* virtio-blk with io_uring: one per ring, up to depth requests in flight.
  * Completions are signalled on vhd_blk_queue_fd(), which the worker watches. */
@@ -348,6 +350,73 @@ void vhd_task_call(vhd_task *t, void (*fn)(vhd_task *t, void *arg), void *arg);
 int vhd_task_set_mem(vhd_task *t, const vhd_mem *mem);
 vhd_vring *vhd_task_vring(const vhd_task *t);
 int vhd_task_worker(const vhd_task *t);
+
+/* Per-device QoS (qos.c): token buckets with QEMU's throttle semantics,
+ * one set per device or per group of devices, shared by all their rings.
+ * A ring with a gate stops popping while a bucket that counts its requests
+ * is over (the request waits in the ring) and its worker sleeps on a timer
+ * until the bucket allows the next one.  A ring without a gate is unlimited. */
+typedef struct vhd_qos vhd_qos;
+typedef struct vhd_qos_gate vhd_qos_gate;
+
+#define VHD_QOS_READ 1          /* blk reads; net RX (frames into the guest) */
+#define VHD_QOS_WRITE 2         /* blk writes; net TX (frames from the guest) */
+#define VHD_QOS_BYTES 0
+#define VHD_QOS_OPS 1
+#define VHD_QOS_OPS_SHIFT 16    /* an op cost is in 1/65536 ops (size_iops_sec makes fractions) */
+#define VHD_QOS_MAX_LIMITS 6
+#define VHD_QOS_MAX_RATE 1000000000000   /* units per second */
+#define VHD_QOS_MAX_LENGTH 86400         /* seconds */
+
+struct vhd_qos_limit {
+    uint32_t classes;           /* VHD_QOS_READ | VHD_QOS_WRITE: what it counts */
+    uint32_t unit;              /* VHD_QOS_BYTES or VHD_QOS_OPS */
+    uint64_t avg;               /* units per second; 0: off */
+    uint64_t max;               /* burst rate (>= avg); 0: no burst beyond avg/10 */
+    uint64_t max_length;        /* seconds max may last (QEMU: bucket max * max_length); 0: 1 */
+};
+
+/* 0, or -EINVAL / -ERANGE for a limit vhd_qos_new refuses. */
+int vhd_qos_check_limit(const struct vhd_qos_limit *l);
+/* The buckets of n limits (those with avg 0 are left out); op_size: QEMU's
+ * iops_size (size_iops_sec), 0 for none.  prev: the buckets these replace,
+ * whose use carries over (a changed limit gives no fresh burst).  NULL and
+ * *err on failure. */
+vhd_qos *vhd_qos_new(const struct vhd_qos_limit *limits, uint32_t n, uint64_t op_size,
+                     const vhd_qos *prev, int *err);
+/* Only once no gate uses it (vhd_task_set_qos returned for every ring). */
+void vhd_qos_free(vhd_qos *q);
+/* 1 if a request of these classes may go now; else 0 and *until_ns, the
+ * clock value from which it may.  Pure arithmetic on the given time. */
+int vhd_qos_admit(const vhd_qos *q, uint32_t classes, uint64_t now_ns, uint64_t *until_ns);
+/* Counts a request (or a batch) of class cls: bytes, and ops in 1/65536. */
+void vhd_qos_charge(vhd_qos *q, uint32_t cls, uint64_t bytes, uint64_t ops, uint64_t now_ns);
+/* One request of this size in 1/65536 ops (size_iops_sec). */
+uint64_t vhd_qos_op_cost(const vhd_qos *q, uint64_t bytes);
+/* CLOCK_MONOTONIC in ns, or the fake clock of a test build. */
+uint64_t vhd_qos_clock(void);
+/* Test builds only: vhd_qos_clock() returns ns from now on (0: the real
+ * clock again).  Returns -1 elsewhere. */
+int vhd_qos_set_fake_clock(uint64_t ns);
+
+/* Per ring: what it counted, throttled time (ns, and since when if it is
+ * throttled now: add now - throttled_since).  Written by its worker only. */
+struct vhd_qos_gate_stats {
+    uint64_t throttles;         /* times the ring stopped popping for a limit */
+    uint64_t throttled_ns;
+    uint64_t throttled_since;   /* vhd_qos_clock() value, 0: not throttled */
+};
+
+/* classes: what the ring's requests are (blk: both, net TX: WRITE, RX:
+ * READ); batch: requests counted locally before they are charged (1 for
+ * blk; net charges a batch of frames at once). */
+vhd_qos_gate *vhd_qos_gate_new(uint32_t classes, uint32_t batch);
+void vhd_qos_gate_free(vhd_qos_gate *g);
+void vhd_qos_gate_stats(const vhd_qos_gate *g, struct vhd_qos_gate_stats *out);
+/* A stopped ring: limit it by q through gate g (q NULL: unlimited). */
+void vhd_vring_set_qos(vhd_vring *vr, vhd_qos_gate *g, vhd_qos *q);
+/* The same for a running ring, between two turns of its worker. */
+void vhd_task_set_qos(vhd_task *t, vhd_qos_gate *g, vhd_qos *q);
 
 /* The in-process sandbox (sandbox.c): with it on, every worker thread drops
  * its capabilities and runs under a seccomp allow-list from its first

@@ -621,14 +621,16 @@ int vhd_vring_drain(vhd_vring *vr, vhd_chain_handler handler, void *ctx, int bat
         vhd_vring_disable_notify(vr);
         int batch = 0;
         int rc = VHD_POP_OK;
-        while (batch < batch_max && (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
+        bool throttled = false;
+        while (batch < batch_max && !(throttled = !vhd_qos_may_pop(vr)) &&
+               (rc = vhd_vring_pop(vr, &chain)) == VHD_POP_OK) {
             handler(ctx, vr, &chain);
             batch++;
         }
         total += batch;
         vhd_vring_flush(vr);
-        if (rc < 0)
-            return total;   /* broken: err_fd was signalled, stay quiet */
+        if (rc < 0 || throttled)
+            return total;   /* broken: err_fd was signalled, stay quiet; throttled: kicks stay off */
         if (batch == batch_max)
             continue;
         if (!vhd_vring_enable_notify(vr))

@@ -29,6 +29,7 @@ from vhostd.daemon import RELOAD_REFUSED, Daemon, DaemonError
 from vhostd.devices.blk import MAX_QUEUES, Discard, Engine
 from vhostd.devices.net import MAX_QUEUE_PAIRS, parse_mac
 from vhostd.native import MAX_WORKERS
+from vhostd.qos import LimitError, Limits, parse_limits
 
 DEFAULT_IMAGE_SIZE = 1 << 30
 log = logging.getLogger("vhostd")
@@ -158,6 +159,31 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
         raise click.ClickException(str(e)) from None
 
 
+def _limits_option(f: Callable[..., None]) -> Callable[..., None]:
+    return click.option("--limit", "limits", multiple=True, metavar="KEY=VALUE",
+                         help="A QoS limit, as in [devices.X.limits] (repeat it; README \"QoS\"), "
+                              "e.g. --limit total_iops_sec=2000.")(f)
+
+
+def _parse_limits(kind: str, settings: tuple[str, ...]) -> Limits:
+    items: dict[str, Any] = {}
+    for s in settings:
+        key, sep, value = s.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{s!r} is not KEY=VALUE", param_hint="--limit")
+        if key == "group":
+            items[key] = value or None
+            continue
+        try:
+            items[key] = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{key}: {value!r} is not a whole number", param_hint="--limit") from None
+    try:
+        return parse_limits(kind, items)
+    except LimitError as e:
+        raise click.BadParameter(str(e), param_hint="--limit") from None
+
+
 @main.command()
 @endpoint_options
 @click.option("--file", "--blk-file", "file", type=click.Path(path_type=Path, dir_okay=False),
@@ -179,11 +205,13 @@ def _serve(config: Config, config_path: Path | None = None, banner: str | None =
 @click.option("--name", default="blk0", show_default=True, help="Device name used in logs.")
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
+@_limits_option
 @worker_options
 @daemon_options
 def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         file: Path | None, read_only: bool, num_queues: int, serial: str, engine: str, direct: bool,
-        discard: str, write_cache: bool, name: str, print_capabilities: bool, poll_us: int, cpus: str, workers: int | None,
+        discard: str, write_cache: bool, name: str, print_capabilities: bool, limits: tuple[str, ...],
+        poll_us: int, cpus: str, workers: int | None,
         control_socket: Path | None, metrics_listen: str | None, sandbox: bool | None) -> None:
     """Serve a virtio-blk device backed by FILE.
 
@@ -204,7 +232,7 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
     cfg = BlkConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=Workers(poll_us=poll_us), file=file, read_only=read_only,
                     num_queues=num_queues, serial=serial, aio=Engine(engine), direct=direct,
-                    discard=Discard(discard), write_cache=write_cache)
+                    discard=Discard(discard), write_cache=write_cache, limits=_parse_limits("blk", limits))
     _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen, sandbox))
 
 
@@ -223,11 +251,12 @@ def blk(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
 @click.option("--name", default="net0", show_default=True, help="Device name used in logs.")
 @click.option("--print-capabilities", is_flag=True,
               help="Print the back-end's capabilities as JSON (vhost-user.rst) and exit.")
+@_limits_option
 @worker_options
 @daemon_options
 def net(socket_path: Path | None, socket_group: str | None, fd: int | None, client: bool,
         tap: str | None, backend: str, bridge: str | None, mtu: int | None, mac: str | None,
-        queue_pairs: int, name: str, print_capabilities: bool, poll_us: int, cpus: str,
+        queue_pairs: int, name: str, print_capabilities: bool, limits: tuple[str, ...], poll_us: int, cpus: str,
         workers: int | None, control_socket: Path | None, metrics_listen: str | None,
         sandbox: bool | None) -> None:
     """Serve a virtio-net device whose frames go to and from a tap device.
@@ -250,7 +279,7 @@ def net(socket_path: Path | None, socket_group: str | None, fd: int | None, clie
         raise click.BadParameter(str(e), param_hint="--mac") from None
     cfg = NetConfig(name=name, endpoint=_endpoint(socket_path, fd, client, socket_group),
                     workers=Workers(poll_us=poll_us), tap=tap, backend=backend, bridge=bridge,
-                    mtu=mtu, mac=mac_bytes, queue_pairs=queue_pairs)
+                    mtu=mtu, mac=mac_bytes, queue_pairs=queue_pairs, limits=_parse_limits("net", limits))
     _serve(_single_device(cfg, workers, cpus, control_socket, metrics_listen, sandbox))
 
 
@@ -381,10 +410,20 @@ def status(control_path: Path | None, as_json: bool) -> None:
 def top(control_path: Path | None, interval: float, count: int) -> None:
     """Per-ring request and byte rates, refreshed live."""
     prev: dict[tuple[str, int], dict[str, Any]] = {}
+    prev_throttled: dict[str, float] = {}
     n = 0
     while count == 0 or n < count:
         st = _request(control_path, "status")["status"]
-        rows = []
+        rows, qos_rows = [], []
+        for dev in st["devices"]:
+            q = dev.get("qos")
+            if q is None or not q["limits"]:
+                continue
+            was = prev_throttled.get(dev["name"])
+            share = (q["throttled_seconds"] - was) / interval if was is not None else 0.0
+            prev_throttled[dev["name"]] = q["throttled_seconds"]
+            limits = " ".join(f"{k}={v}" for k, v in q["limits"].items())
+            qos_rows.append(f"{dev['name']:<12} {100 * share:>10.0f}% {limits}")
         for dev in st["devices"]:
             for ring in dev.get("rings", []):
                 key = (dev["name"], ring["index"])
@@ -400,6 +439,10 @@ def top(control_path: Path | None, interval: float, count: int) -> None:
         click.echo(f"{'device':<12} {'ring':>4} {'req/s':>12} {'rd MiB/s':>10} {'wr MiB/s':>10} "
                    f"{'kicks/s':>9} {'calls/s':>9} {'errors':>7}")
         click.echo("\n".join(rows) if rows else "(no front-end attached)")
+        if qos_rows:
+            # throttled: ring-seconds held by a limit per second (rings of a device add up)
+            click.echo(f"\n{'device':<12} {'throttled':>11} limits")
+            click.echo("\n".join(qos_rows))
         n += 1
         if count == 0 or n < count:
             time.sleep(interval)
@@ -471,6 +514,38 @@ def resize(control_path: Path | None, device: str, size: str | None, shrink: boo
         click.echo(line)
 
 
+@main.command()
+@control_option
+@click.argument("device")
+@click.argument("settings", nargs=-1, metavar="[KEY=VALUE]...")
+def limit(control_path: Path | None, device: str, settings: tuple[str, ...]) -> None:
+    """Show or change a running device's QoS limits, e.g.
+    `vhostd limit disk0 total_iops_sec=2000 total_iops_sec_max=5000`
+    (0: unlimited; a grouped disk's limits are its group's).  They apply to
+    the running rings at once, without a reconnect; a refused value changes
+    nothing.  Keys: see README "QoS"."""
+    changes: dict[str, Any] = {}
+    for s in settings:
+        key, sep, value = s.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{s!r} is not KEY=VALUE", param_hint="SETTINGS")
+        try:
+            changes[key] = value or None if key == "group" else int(value)
+        except ValueError:
+            # the daemon names the key: `ten` reaches it as a string
+            changes[key] = value
+    for line in _request(control_path, "limit", device=device, set=changes)["report"] or ["no change"]:
+        click.echo(line)
+
+
+def format_qos(q: dict[str, Any]) -> str:
+    limits = " ".join(f"{k}={v}" for k, v in q["limits"].items() if k != "group") or "unlimited"
+    rates = " ".join(f"{k}={v:g}/s" for k, v in q.get("rates", {}).items())
+    group = f" (group {q['group']}: {', '.join(q['group_members'])})" if q.get("group") else ""
+    return (f"  qos: {limits}{group}; throttled {q['throttled_seconds']:.3f} s "
+            f"({q['throttles']} times)" + (f"; now {rates}" if rates else ""))
+
+
 def format_status(st: dict[str, Any]) -> str:
     out = []
     for dev in st["devices"]:
@@ -493,6 +568,8 @@ def format_status(st: dict[str, Any]) -> str:
                 out.append(f"  {r['index']:>4} {r['layout']:>6} {r['size']:>6} {state:>8} {r['requests']:>12} "
                            f"{r['bytes_read']:>12} {r['bytes_written']:>12} {r['errors']:>7} "
                            f"{r['kicks']:>9} {r['calls']:>9}" + (f"  ({r['broken']})" if r["broken"] else ""))
+        if (q := dev.get("qos")) is not None:
+            out.append(format_qos(q))
         for k, v in dev.get("device", {}).items():
             if k != "queue_pairs":
                 out.append(f"  {k}: {v}")

@@ -15,6 +15,10 @@ allowed, e.g. ``vhostd.toml: devices.disk0.num_queues: 0 is not in 1..8``.
     file = "/var/lib/vhostd/disk0.img"
     num_queues = 2
 
+    [devices.disk0.limits]          # optional: QoS, libvirt <iotune> names (vhostd/qos.py)
+    total_iops_sec = 2000
+    group = "tenant1"               # devices of one group share its limits
+
     [devices.net0]
     type = "net"
     socket = "/run/vhostd/net0.sock"
@@ -33,6 +37,7 @@ from typing import Any
 from vhostd.devices.blk import MAX_QUEUES, SERIAL_BYTES, Discard, Engine
 from vhostd.devices.net import MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU, parse_mac
 from vhostd.native import MAX_WORKERS
+from vhostd.qos import Limits, LimitError, parse_limits
 from vhostd.scheduler import SchedulerConfig
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -69,6 +74,7 @@ class BlkConfig:
     direct: bool = False
     discard: Discard = Discard.UNMAP
     write_cache: bool = True
+    limits: Limits = Limits("blk")
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class NetConfig:
     mtu: int | None = None
     mac: bytes | None = None
     queue_pairs: int = 1
+    limits: Limits = Limits("net")
 
 
 DeviceConfig = BlkConfig | NetConfig
@@ -173,6 +180,14 @@ def _workers(t: _Table) -> Workers:
     return Workers(poll_us=t.int_in("poll_us", 0, 1000, 0) or 0, cpu_affinity=_cpus(t))
 
 
+def _limits(t: _Table, kind: str) -> Limits:
+    table = t.get("limits", dict, {})
+    try:
+        return parse_limits(kind, table)
+    except LimitError as e:
+        raise t.error(f"limits.{e.key}", e.message) from None
+
+
 def _blk(name: str, t: _Table) -> BlkConfig:
     serial = t.get("serial", str, "")
     if len(serial.encode()) > SERIAL_BYTES:
@@ -187,6 +202,7 @@ def _blk(name: str, t: _Table) -> BlkConfig:
         direct=t.get("direct", bool, False),
         discard=Discard(t.choice("discard", tuple(d.value for d in Discard), Discard.UNMAP.value)),
         write_cache=t.get("write_cache", bool, True),
+        limits=_limits(t, "blk"),
     )
 
 
@@ -204,6 +220,7 @@ def _net(name: str, t: _Table) -> NetConfig:
         name=name, endpoint=_endpoint(t), workers=_workers(t), tap=tap, backend=backend,
         bridge=t.get("bridge", str), mtu=t.int_in("mtu", MIN_MTU, MAX_MTU, None),
         mac=mac_bytes, queue_pairs=t.int_in("queue_pairs", 1, MAX_QUEUE_PAIRS, 1) or 1,
+        limits=_limits(t, "net"),
     )
 
 
@@ -246,6 +263,7 @@ def parse(data: Mapping[str, Any], source: str) -> Config:
     top.check_unknown()
     _check_unique(devices, source)
     _check_affinity(daemon, devices, source)
+    _check_groups(devices, source)
     return Config(daemon=daemon, devices=tuple(devices), source=source)
 
 
@@ -258,6 +276,23 @@ def _check_unique(devices: list[DeviceConfig], source: str) -> None:
         if other != d.name:
             raise ConfigError(f"{source}: devices.{d.name}.socket: {d.endpoint.socket} "
                               f"is also the socket of devices.{other}")
+
+
+def _check_groups(devices: list[DeviceConfig], source: str) -> None:
+    """Devices of one group share its buckets, so they must give the same limits."""
+    first: dict[str, DeviceConfig] = {}
+    for d in devices:
+        g = d.limits.group
+        if g is None:
+            continue
+        other = first.setdefault(g, d)
+        if other.limits.values != d.limits.values:
+            keys = sorted({k for k, _ in other.limits.values} ^ {k for k, _ in d.limits.values}
+                          | {k for k, v in d.limits.values if other.limits.get(k) not in (0, v)})
+            key = keys[0]
+            raise ConfigError(f"{source}: devices.{d.name}.limits.{key}: {d.limits.get(key)} but "
+                              f"devices.{other.name} of group {g!r} has {other.limits.get(key)}: "
+                              f"devices of a group share its limits (give them all the same)")
 
 
 def _check_affinity(daemon: DaemonConfig, devices: list[DeviceConfig], source: str) -> None:

@@ -21,7 +21,7 @@ import signal
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.devices.net import NetDevice, NetOptions
 from vhostd.protocol.channel import Channel
 from vhostd.protocol.session import Session
+from vhostd.qos import Budget, LimitError, Limits
 from vhostd.scheduler import Scheduler
 from vhostd.vring import WorkerOptions
 
@@ -340,6 +341,8 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
         self._gone: dict[str, trio.Event] = {}    # set once a device's task has finished
+        self.groups: dict[str, Budget] = {}       # QoS groups: buckets shared by their devices
+        self.rates: dict[str, dict[str, float]] = {}   # per device, over the last second
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -383,6 +386,7 @@ class Daemon:
                         nursery.cancel_scope.cancel()
                     else:
                         await self._open_endpoints(nursery)
+                        nursery.start_soon(self._sample_rates)
                         if (interval := systemd.watchdog_interval()) is not None:
                             nursery.start_soon(self._watchdog, interval)
                         systemd.notify("READY=1", f"STATUS={self._status_line()}")
@@ -452,6 +456,7 @@ class Daemon:
         except OSError as e:
             device.close()
             return self._fail(cfg, f"cannot listen on {listener.describe()}: {os_reason(e)}")
+        self._set_limits(device, cfg.limits)
         assert self.scheduler is not None
         server = DeviceServer(device, listener, self.scheduler)
         self.servers[cfg.name] = server
@@ -480,6 +485,7 @@ class Daemon:
                 self.failed[name] = f"failed: {e}"
             finally:
                 server.listener.close()
+                self._leave_group(server.device)
                 server.device.close()
                 self.servers.pop(name, None)
                 self._scopes.pop(name, None)
@@ -555,8 +561,13 @@ class Daemon:
                 ok = await self._start_device(cfg)
                 report.append(f"{name}: started" if ok else f"{name}: {self.failed[name]}")
             elif old != cfg:
-                keys = ", ".join(config_mod.changed_fields(old, cfg))
-                report.append(f"{name}: changed ({keys}): restart this device to apply")
+                keys = [k for k in config_mod.changed_fields(old, cfg) if k != "limits"]
+                if old.limits != cfg.limits and (server := self.servers.get(name)) is not None:
+                    # in place, on the running rings: no restart, no reconnect
+                    report += self._set_limits(server.device, cfg.limits)
+                    self.configs[name] = replace(old, limits=cfg.limits)
+                if keys:
+                    report.append(f"{name}: changed ({', '.join(keys)}): restart this device to apply")
         self.config = new
         systemd.notify(f"STATUS={self._status_line()}")
         return self._report(report or ["no change"])
@@ -577,7 +588,8 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return {
-            "devices": [server.status() for _, server in sorted(self.servers.items())],
+            "devices": [server.status() | {"qos": self.qos_status(server)}
+                        for _, server in sorted(self.servers.items())],
             "failed": dict(self.failed),
             "workers": self.scheduler.status() if self.scheduler else [],
             "endpoints": {k: {"address": v, "error": self.endpoint_errors.get(k)}
@@ -594,6 +606,8 @@ class Daemon:
                 return {"ok": True, "report": await self.reload(force=bool(req.get("force")))}
             case "resize":
                 return await self.resize(req)
+            case "limit":
+                return self.limit(req)
             case other:
                 return {"ok": False, "error": f"unknown command {other!r}"}
 
@@ -617,6 +631,142 @@ class Daemon:
         told = await server.session.config_changed() if server.session is not None else \
             "no front-end attached: the next one sees the new size"
         return {"ok": True, "report": [f"{name}: {old} -> {new} bytes; {told}"]}
+
+
+    # --- QoS ----------------------------------------------------------------------
+
+    def limit(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`vhostd limit DEVICE key=value...`: changes a running device's
+        limits (a grouped device's: its group's) on its running rings; a
+        refused value changes nothing.  Without changes: shows them."""
+        name, changes = req.get("device"), req.get("set") or {}
+        server = self.servers.get(name) if isinstance(name, str) else None
+        if server is None:
+            return {"ok": False, "error": f"{name!r} is not a device of this daemon"}
+        if not isinstance(changes, dict):
+            return {"ok": False, "error": "set: expected {key: value}"}
+        device = server.device
+        if not changes:
+            return {"ok": True, "report": [f"{name}: {device.qos.limits.describe()}"]}
+        try:
+            new = device.qos.limits.merged(changes)
+        except LimitError as e:
+            return {"ok": False, "error": f"{name}: {e}; limits unchanged ({device.qos.limits.describe()})"}
+        report = self._set_limits(device, new)
+        for member in self._members(device):
+            if (cfg := self.configs.get(member)) is not None:
+                self.configs[member] = replace(cfg, limits=replace(new, kind=cfg.limits.kind))
+        return {"ok": True, "report": report}
+
+    def _members(self, device: Device) -> set[str]:
+        return set(device.qos.budget.members) | {device.name}
+
+    def _set_limits(self, device: Device, limits: Limits) -> list[str]:
+        """Applies limits to a device (and, in a group, to the group): new
+        buckets, then every running ring moved to them between two turns of
+        its worker (at once: a ring waiting on a timer looks again), then the
+        old buckets freed."""
+        qos = device.qos
+        old_budget, old_limits = qos.budget, qos.limits
+        to_free = []
+        if limits.group is not None:
+            budget = self.groups.get(limits.group)
+            if budget is None:
+                budget = self.groups[limits.group] = Budget(Limits(qos.kind, group=limits.group))
+        else:
+            budget = old_budget if old_budget.limits.group is None else Budget(Limits(qos.kind))
+        if budget is not old_budget:
+            old_budget.members.discard(device.name)
+            if old_budget.limits.group is not None and not old_budget.members:
+                self.groups.pop(old_budget.limits.group, None)
+                to_free.append(old_budget.rebuild(Limits(qos.kind)))
+        budget.members.add(device.name)
+        qos.budget = budget
+        if budget.limits != limits or budget.native is None and limits.limited:
+            to_free.append(budget.rebuild(limits))
+        for member in budget.members | {device.name}:
+            server = self.servers.get(member)
+            dev = server.device if server is not None else device if member == device.name else None
+            if dev is None:
+                continue
+            dev.qos.budget = budget
+            sess = server.session if server is not None else None
+            if sess is not None:
+                dev.qos.rebind((vr.index, vr.placement.task) for vr in sess.vrings if vr.placement is not None)
+        for native in to_free:
+            if native is not None:
+                native.close()
+        if old_limits == limits:
+            return []
+        scope = f" (group {limits.group}: {', '.join(sorted(budget.members))})" if limits.group else ""
+        line = f"{device.name}: limits {old_limits.describe()} -> {limits.describe()}{scope}"
+        log.info("%s", line)
+        return [line]
+
+    def _leave_group(self, device: Device) -> None:
+        budget = device.qos.budget
+        budget.members.discard(device.name)
+        if budget.limits.group is None:
+            native = budget.rebuild(Limits(device.qos.kind))
+        elif not budget.members:
+            self.groups.pop(budget.limits.group, None)
+            native = budget.rebuild(Limits(device.qos.kind))
+        else:
+            return
+        if native is not None:
+            native.close()
+
+    async def _sample_rates(self) -> None:
+        """Each second, every device's current rates (status, top, metrics)."""
+        prev: dict[str, tuple[float, dict[str, int]]] = {}
+        while True:
+            now = trio.current_time()
+            for name, server in list(self.servers.items()):
+                counts = _rate_counters(server)
+                last = prev.get(name)
+                if last is not None and now > last[0]:
+                    dt = now - last[0]
+                    # (a new front-end's rings count from 0 again)
+                    self.rates[name] = {k: max(0, v - last[1].get(k, 0)) / dt for k, v in counts.items()}
+                prev[name] = (now, counts)
+            for name in set(self.rates) - set(self.servers):
+                self.rates.pop(name, None)
+                prev.pop(name, None)
+            await trio.sleep(1)
+
+    def qos_status(self, server: DeviceServer) -> dict[str, Any]:
+        qos = server.device.qos
+        st = qos.stats()
+        return {
+            "limits": qos.limits.as_dict(),
+            "group": qos.limits.group,
+            "group_members": sorted(qos.budget.members) if qos.limits.group else [],
+            "throttled_seconds": st.throttled_ns / 1e9,
+            "throttles": st.throttles,
+            "rates": {k: round(v, 1) for k, v in self.rates.get(server.device.name, {}).items()},
+        }
+
+
+def _rate_counters(server: DeviceServer) -> dict[str, int]:
+    """What the rates are computed from: blk requests and bytes each way,
+    net frames and bytes each way (frame bytes, as the limits count them)."""
+    if isinstance(server.device, NetDevice):
+        out = {"tx_packets": 0, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 0}
+        for p in server.device.pairs:
+            s = p.stats()
+            out["tx_packets"] += s.tx_frames
+            out["tx_bytes"] += s.tx_bytes
+            out["rx_packets"] += s.rx_frames
+            out["rx_bytes"] += s.rx_bytes
+        return out
+    out = {"iops": 0, "read_bytes": 0, "write_bytes": 0}
+    if server.session is not None:
+        for vr in server.session.vrings:
+            rs = vr.stats()
+            out["iops"] += rs.requests
+            out["read_bytes"] += rs.bytes_written    # from the disk into guest memory
+            out["write_bytes"] += rs.bytes_read
+    return out
 
 
 class DaemonError(Exception):

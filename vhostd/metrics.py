@@ -52,8 +52,25 @@ class StatusCollector:
                                         "(this front-end connection)", labels=["device"])
         log_refused = CounterMetricFamily("vhostd_dirty_log_refused", "Pages not logged: past the end of "
                                           "the front-end's log (its error)", labels=["device"])
+        qos_limit = GaugeMetricFamily("vhostd_qos_limit", "A QoS limit in force (libvirt iotune names; "
+                                      "per second, or seconds for *_max_length)", labels=["device", "limit"])
+        qos_throttled = CounterMetricFamily("vhostd_qos_throttled_seconds", "Ring-seconds a QoS limit held "
+                                            "requests back (rings of a device add up)", labels=["device"])
+        qos_throttles = CounterMetricFamily("vhostd_qos_throttles", "Times a ring stopped for a QoS limit",
+                                            labels=["device"])
+        qos_rate = GaugeMetricFamily("vhostd_qos_rate", "Current rate over the last second (iops, "
+                                     "read_bytes, write_bytes; net tx/rx packets and bytes)",
+                                     labels=["device", "what"])
         for dev in st["devices"]:
             name = dev["name"]
+            if (q := dev.get("qos")) is not None:
+                for k, v in q["limits"].items():
+                    if k != "group":
+                        qos_limit.add_metric([name, k], float(v))
+                qos_throttled.add_metric([name], q["throttled_seconds"])
+                qos_throttles.add_metric([name], q["throttles"])
+                for k, v in q.get("rates", {}).items():
+                    qos_rate.add_metric([name, k], v)
             connected.add_metric([name, dev["type"]], 1.0 if dev["frontend"] else 0.0)
             if (log := dev.get("dirty_log")) is not None:
                 log_on.add_metric([name], 1.0 if log["enabled"] else 0.0)
@@ -75,6 +92,7 @@ class StatusCollector:
         yield from rings.values()
         yield from net.values()
         yield from (log_on, log_pages, log_refused)
+        yield from (qos_limit, qos_throttled, qos_throttles, qos_rate)
 
 
 def exposition(status: StatusFn) -> bytes:

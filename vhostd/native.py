@@ -252,6 +252,11 @@ class NativeVring:
         return VringStats(s.requests, s.bytes_read, s.bytes_written, s.errors,
                           s.kicks, s.calls, s.batches, s.broken, s.resubmitted)
 
+    def set_qos(self, gate: QosGate | None, qos: NativeQos | None) -> None:
+        """Limits the ring (stopped: after setup, before it runs) by qos
+        through gate; None: unlimited."""
+        lib.vhd_vring_set_qos(self.ptr, gate.ptr if gate else ffi.NULL, qos.ptr if qos else ffi.NULL)
+
     def process(self, dev_kind: int, dev: Any) -> int:
         """Drain the ring once in this thread (tests; workers do it natively)."""
         return int(lib.vhd_process_ring(self.ptr, dev_kind, dev))
@@ -322,6 +327,11 @@ class Task:
         """Hands the running ring a new table between two turns (blocks: call
         off the event loop).  False if the ring moved (restart it instead)."""
         return bool(lib.vhd_task_set_mem(self.ptr, mem.ptr) == 0)
+
+    def set_qos(self, gate: QosGate, qos: NativeQos | None) -> None:
+        """The running ring's limits, between two turns (blocks: call off the
+        event loop).  Afterwards the worker no longer uses the old buckets."""
+        lib.vhd_task_set_qos(self.ptr, gate.ptr, qos.ptr if qos else ffi.NULL)
 
 
 class NativeBlk:
@@ -459,3 +469,99 @@ class NativeNet:
         ptr, self.ptr = self.ptr, ffi.NULL
         if ptr != ffi.NULL:
             lib.vhd_net_free(ptr)
+
+
+# --- QoS (native/qos.c) -------------------------------------------------------
+
+QOS_READ: int = lib.VHD_QOS_READ
+QOS_WRITE: int = lib.VHD_QOS_WRITE
+QOS_BYTES: int = lib.VHD_QOS_BYTES
+QOS_OPS: int = lib.VHD_QOS_OPS
+QOS_OPS_ONE: int = 1 << lib.VHD_QOS_OPS_SHIFT
+QOS_MAX_RATE: int = lib.VHD_QOS_MAX_RATE
+QOS_MAX_LENGTH: int = lib.VHD_QOS_MAX_LENGTH
+
+
+@dataclass(frozen=True)
+class QosLimit:
+    """One bucket: ``classes`` (QOS_READ | QOS_WRITE) counted in ``unit``
+    (QOS_BYTES / QOS_OPS) at ``avg`` per second, bursts of ``max`` per
+    second for ``max_length`` seconds (QEMU's semantics)."""
+
+    classes: int
+    unit: int
+    avg: int
+    max: int = 0
+    max_length: int = 0
+
+
+class NativeQos:
+    """``vhd_qos``: the buckets of a device or a group, shared by their rings.
+    Free it only once no ring uses it (``Task.set_qos`` moved them all)."""
+
+    def __init__(self, limits: list[QosLimit], op_size: int = 0, prev: NativeQos | None = None) -> None:
+        arr = ffi.new("struct vhd_qos_limit[]", [
+            {"classes": lim.classes, "unit": lim.unit, "avg": lim.avg, "max": lim.max,
+             "max_length": lim.max_length} for lim in limits] or 1)
+        err = ffi.new("int *")
+        ptr = lib.vhd_qos_new(arr, len(limits), op_size, prev.ptr if prev else ffi.NULL, err)
+        if ptr == ffi.NULL:
+            check(err[0], "QoS limits")
+        self.ptr: Any = ptr
+
+    def admit(self, classes: int, now_ns: int) -> tuple[bool, int]:
+        """(may a request of these classes go at now_ns, from when it may)."""
+        until = ffi.new("uint64_t *")
+        ok = bool(lib.vhd_qos_admit(self.ptr, classes, now_ns, until))
+        return ok, int(until[0])
+
+    def charge(self, cls: int, now_ns: int, nbytes: int = 0, ops: float = 1.0) -> None:
+        lib.vhd_qos_charge(self.ptr, cls, nbytes, round(ops * QOS_OPS_ONE), now_ns)
+
+    def op_cost(self, nbytes: int) -> float:
+        return int(lib.vhd_qos_op_cost(self.ptr, nbytes)) / QOS_OPS_ONE
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_qos_free(ptr)
+
+
+def qos_clock() -> int:
+    return int(lib.vhd_qos_clock())
+
+
+def qos_set_fake_clock(ns: int) -> bool:
+    """Test builds: vhd_qos_clock() returns ns (0: the real clock)."""
+    return bool(lib.vhd_qos_set_fake_clock(ns) == 0)
+
+
+@dataclass(frozen=True)
+class GateStats:
+    throttles: int
+    throttled_ns: int     # including the current stretch, if throttled now
+
+
+class QosGate:
+    """``vhd_qos_gate``: one ring's access to its buckets, and its counters."""
+
+    def __init__(self, classes: int, batch: int = 1) -> None:
+        ptr = lib.vhd_qos_gate_new(classes, batch)
+        if ptr == ffi.NULL:
+            raise NativeError(errno.ENOMEM, "vhd_qos_gate_new")
+        self.ptr: Any = ptr
+
+    def stats(self, now_ns: int | None = None) -> GateStats:
+        out = ffi.new("struct vhd_qos_gate_stats *")
+        lib.vhd_qos_gate_stats(self.ptr, out)
+        ns = int(out.throttled_ns)
+        if out.throttled_since:
+            now = qos_clock() if now_ns is None else now_ns
+            ns += max(0, now - int(out.throttled_since))
+        return GateStats(int(out.throttles), ns)
+
+    def close(self) -> None:
+        """Only while no ring uses it."""
+        ptr, self.ptr = self.ptr, ffi.NULL
+        if ptr != ffi.NULL:
+            lib.vhd_qos_gate_free(ptr)

@@ -20,19 +20,22 @@ from vhostd.fds import OwnedFd, close_all
 from vhostd.memory import GuestMemory
 from vhostd.native import NativeError, NativeLog, NativeVring, VringStats, ffi
 from vhostd.protocol.messages import VringAddr
+from vhostd.qos import DeviceQos
 from vhostd.scheduler import Placement, Scheduler, SchedulerError
 
 
 @dataclass(frozen=True)
 class QueueBackend:
     """What a ring's native worker runs: a ``VHD_DEV_*`` kind, the C device
-    object, for net RX and io_uring blk the back-end fd to watch, and
-    whether it blocks (then it gets a thread of its own)."""
+    object, for net RX and io_uring blk the back-end fd to watch,
+    whether it blocks (then it gets a thread of its own), and which QoS
+    classes its requests are (0: never limited, e.g. net's control queue)."""
 
     kind: int
     dev: Any
     backend_fd: int = -1
     exclusive: bool = False
+    qos_classes: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,13 @@ class Vring:
     def start(self, mem: GuestMemory, backend: QueueBackend, scheduler: Scheduler, *, owner: str,
               event_idx: bool, indirect: bool, options: WorkerOptions = WorkerOptions(),
               broken_fd: int = -1, inflight: Any = None, log: NativeLog | None = None,
-              packed: bool = False) -> None:
+              packed: bool = False, qos: DeviceQos | None = None) -> None:
         """log: the dirty log while VHOST_F_LOG_ALL is on; used ring writes
         are logged too if SET_VRING_ADDR set VHOST_VRING_F_LOG.  packed:
         VIRTIO_F_RING_PACKED; the three addresses are then the descriptor
         ring, driver area and device area, and the base carries both
-        positions (see ``packed_bases``)."""
+        positions (see ``packed_bases``).  qos: the device's limits, in force
+        from the ring's first turn."""
         assert self.addr is not None and self.placement is None
         avail_base, used_base = packed_bases(self.last_avail_idx) if packed else (self.last_avail_idx, 0)
         try:
@@ -109,6 +113,8 @@ class Vring:
                 f"avail {self.addr.avail_user_addr:#x}, used {self.addr.used_user_addr:#x}: "
                 f"{'not inside guest memory' if outside else 'misaligned, bad size or base'}", outside
             ) from None
+        if qos is not None:
+            qos.bind(self.native, self.index, backend.qos_classes)
         try:
             self.placement = scheduler.attach(
                 self.native, owner=owner, kind=backend.kind, dev=backend.dev,

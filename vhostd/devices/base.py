@@ -12,6 +12,7 @@ import enum
 from typing import Any
 
 from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit, feature_names
+from vhostd.qos import DeviceQos
 from vhostd.vring import QueueBackend, WorkerOptions
 
 __all__ = ["Device", "DeviceError", "DeviceType", "QueueBackend", "WorkerOptions"]
@@ -54,6 +55,8 @@ class Device(abc.ABC):
     def __init__(self, name: str, workers: WorkerOptions = WorkerOptions()) -> None:
         self.name = name
         self.workers = workers
+        # QoS limits (vhostd/qos.py): unlimited until the daemon sets some.
+        self.qos = DeviceQos(name, "blk" if self.device_type is DeviceType.BLOCK else "net")
 
     @property
     @abc.abstractmethod

@@ -15,7 +15,7 @@ from typing import Any
 from vhostd.devices.base import (COMMON_FEATURES, COMMON_PROTOCOL_FEATURES, Device, DeviceError, DeviceType,
                                  QueueBackend, WorkerOptions)
 from vhostd.fds import OwnedFd
-from vhostd.native import MAX_IOV, NativeBlk, NativeBlkQueue, NativeError
+from vhostd.native import MAX_IOV, QOS_READ, QOS_WRITE, NativeBlk, NativeBlkQueue, NativeError
 from vhostd.protocol.constants import ProtocolFeature, bit
 
 SECTOR_SIZE = 512
@@ -255,8 +255,9 @@ class BlkDevice(Device):
     def queue_backend(self, index: int) -> QueueBackend:
         if self.queues:
             q = self.queues[index]
-            return QueueBackend(q.kind, q.ptr, q.completion_fd)
-        return QueueBackend(self.native.kind, self.native.ptr, exclusive=True)   # sync I/O blocks
+            return QueueBackend(q.kind, q.ptr, q.completion_fd, qos_classes=QOS_READ | QOS_WRITE)
+        return QueueBackend(self.native.kind, self.native.ptr, exclusive=True,   # sync I/O blocks
+                            qos_classes=QOS_READ | QOS_WRITE)
 
     def _close_files(self) -> None:
         self.file.close()
@@ -268,6 +269,7 @@ class BlkDevice(Device):
             q.close()
         self.native.close()
         self._close_files()
+        self.qos.close()
 
 
 def _open(path: Path, flags: int) -> OwnedFd:

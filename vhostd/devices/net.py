@@ -37,7 +37,7 @@ from vhostd.devices.base import (
     QueueBackend,
     WorkerOptions,
 )
-from vhostd.native import NativeNet, NativeNetCtrl, lib
+from vhostd.native import QOS_READ, QOS_WRITE, NativeNet, NativeNetCtrl, lib
 from vhostd.protocol.constants import ProtocolFeature, VirtioFeature, bit
 
 MAX_QUEUE_PAIRS = 8
@@ -257,9 +257,9 @@ class NetDevice(Device):
         if index >= 2 * len(self.pairs):
             raise DeviceError(f"ring {index} is not a queue of this device")
         pair = self.pairs[index // 2]
-        if index % 2 == 0:
-            return QueueBackend(NativeNet.RX, pair.ptr, pair.backend_fd)
-        return QueueBackend(NativeNet.TX, pair.ptr)
+        if index % 2 == 0:   # QoS: RX moves frames into the guest (read), TX out of it (write)
+            return QueueBackend(NativeNet.RX, pair.ptr, pair.backend_fd, qos_classes=QOS_READ)
+        return QueueBackend(NativeNet.TX, pair.ptr, qos_classes=QOS_WRITE)
 
     def set_mtu(self, mtu: int) -> None:
         if not MIN_MTU <= mtu <= MAX_MTU:
@@ -289,3 +289,4 @@ class NetDevice(Device):
         self.ctrl.close()
         if self.tap is not None:
             self.tap.close()
+        self.qos.close()

@@ -257,7 +257,8 @@ class Session:
                      indirect=self._has_feature(VirtioFeature.RING_INDIRECT_DESC),
                      options=self.device.workers, broken_fd=self._broken.fileno(),
                      inflight=self.inflight.region(vr.index) if self.inflight else None,
-                     log=self.log if self._logging else None, packed=self._packed)
+                     log=self.log if self._logging else None, packed=self._packed,
+                     qos=self.device.qos)
         except VringError as e:
             if memory_may_come and e.outside_memory:
                 log.warning("%s: %s; the ring waits for its memory", self.device.name, e)
