@@ -15,8 +15,11 @@
  * never an error), the ring's kicks stay off, and its worker arms a timerfd
  * for the moment the buckets allow the next request (sched.c).  A request is
  * charged after it was popped, with its real size: the buckets may go one
- * request (net: one batch) over, which the next requests pay for, so the
- * long-run rate is exact.  A device without limits has no gate: one
+ * request over (net: one lease of frames, at most a quarter of what the
+ * buckets hold at the time, one frame near a limit), which the next
+ * requests pay for, so
+ * the long-run rate is exact.  blk looks at the buckets for every request:
+ * its sizes vary too much to lease, and a request costs microseconds.  A device without limits has no gate: one
  * predictable branch per pop.
  *
  * Times are in 1/16 ns so that the cost of one byte at 10 GB/s is still
@@ -31,6 +34,8 @@
 #define T_SHIFT 4                                  /* times in 1/16 ns */
 #define T_SEC ((uint64_t)1000000000u << T_SHIFT)
 #define FP_SHIFT 24                                /* inc = cost * inc_fp >> FP_SHIFT */
+#define LEASE_MAX 1024                             /* requests per look at the buckets, at most */
+#define LEASE_MIN_BYTES 65536                      /* what a lease assumes a request costs, at least */
 
 struct cell {
     uint64_t inc_fp;      /* 0: cell off; else time per unit of cost, fixed point */
@@ -213,6 +218,47 @@ int vhd_qos_admit(const vhd_qos *q, uint32_t classes, uint64_t now_ns, uint64_t 
     return !over;
 }
 
+/* Requests of `cost` units each the cell still holds. */
+static uint64_t cell_room(const struct cell *c, uint64_t now, uint64_t cost)
+{
+    if (!c->inc_fp)
+        return UINT64_MAX;
+    uint64_t tat = __atomic_load_n(&c->tat, __ATOMIC_RELAXED);
+    uint64_t ahead = tat > now ? tat - now : 0;
+    if (ahead >= c->tolerance)
+        return 0;
+    uint64_t per = cell_inc(c, cost ? cost : 1);
+    return per ? (c->tolerance - ahead) / per : UINT64_MAX;
+}
+
+/* How many requests a leasing gate (net) may let through before it looks
+ * at the buckets again: a quarter of the smallest room, each request taken
+ * to cost as much as the largest seen (at least a 64 KiB frame).  Far from
+ * every limit that is many (a clock read and a bucket walk per lease, not
+ * per frame); near one it is one frame, so a low limit is smooth.  What a
+ * lease lets through is charged all the same, so a ring sharing a group's
+ * buckets can only borrow, and pays. */
+static uint32_t lease_of(const vhd_qos *q, uint32_t classes, uint64_t now_ns, uint64_t req_bytes)
+{
+    uint64_t now = now_ns << T_SHIFT, room = UINT64_MAX;
+    if (req_bytes < LEASE_MIN_BYTES)
+        req_bytes = LEASE_MIN_BYTES;
+    uint64_t ops = vhd_qos_op_cost_of(q->op_size, req_bytes);
+    for (uint32_t i = 0; i < q->n; i++) {
+        const struct bucket *b = &q->b[i];
+        if (!(b->classes & classes))
+            continue;
+        uint64_t cost = b->unit == VHD_QOS_BYTES ? req_bytes : ops;
+        uint64_t r = cell_room(&b->avg, now, cost), rb = cell_room(&b->burst, now, cost);
+        room = r < room ? r : room;
+        room = rb < room ? rb : room;
+    }
+    room /= 4;
+    if (room > LEASE_MAX)
+        room = LEASE_MAX;
+    return room > 1 ? (uint32_t)room : 1;
+}
+
 static void cell_charge(struct cell *c, uint64_t now, uint64_t cost)
 {
     if (!c->inc_fp || !cost)
@@ -244,12 +290,13 @@ uint64_t vhd_qos_op_cost(const vhd_qos *q, uint64_t bytes)
 
 /* --- gates: one per ring ------------------------------------------------------ */
 
-vhd_qos_gate *vhd_qos_gate_new(uint32_t classes, uint32_t batch)
+vhd_qos_gate *vhd_qos_gate_new(uint32_t classes, int leasing)
 {
     vhd_qos_gate *g = calloc(1, sizeof(*g));
     if (g) {
         g->classes = classes;
-        g->batch = batch ? batch : 1;
+        g->leasing = leasing != 0;
+        g->lease = 1;
     }
     return g;
 }
@@ -264,6 +311,11 @@ void vhd_qos_gate_stats(const vhd_qos_gate *g, struct vhd_qos_gate_stats *out)
     out->throttles = __atomic_load_n(&g->stats.throttles, __ATOMIC_RELAXED);
     out->throttled_ns = __atomic_load_n(&g->stats.throttled_ns, __ATOMIC_RELAXED);
     out->throttled_since = __atomic_load_n(&g->stats.throttled_since, __ATOMIC_RELAXED);
+}
+
+uint32_t vhd_qos_gate_lease(const vhd_qos_gate *g)
+{
+    return g->lease;
 }
 
 /* The charges counted since the last flush reach the shared buckets. */
@@ -298,13 +350,16 @@ void vhd_qos_gate_end_turn(vhd_qos_gate *g)
 
 bool vhd_qos_gate_admit(vhd_qos_gate *g, const vhd_vring *vr)
 {
-    /* (vhd_qos_may_pop let the pops inside a batch through.) */
+    /* (vhd_qos_may_pop let the pops inside a lease through.) */
     uint64_t now = vhd_qos_clock(), until;
     gate_flush(g, now);
     if (vhd_qos_admit(g->q, g->classes, now, &until)) {
         throttle_end(g, now);
+        if (g->leasing)
+            g->lease = lease_of(g->q, g->classes, now, g->max_bytes);
         return true;
     }
+    g->lease = 1;
     /* Nothing waits: let the pop find the ring empty and the ring idle as
      * usual (its next kick asks again). */
     if (!vhd_vring_pending(vr)) {
@@ -326,6 +381,7 @@ void vhd_vring_set_qos(vhd_vring *vr, vhd_qos_gate *g, vhd_qos *q)
         if (g->q)
             gate_flush(g, now);
         g->n = 0;
+        g->lease = 1;
         memset(g->bytes, 0, sizeof(g->bytes));
         memset(g->ops, 0, sizeof(g->ops));
         g->q = q;

@@ -235,8 +235,10 @@ struct vhd_qos_gate {
     vhd_qos *q;
     uint64_t op_size;          /* q's size_iops_sec, 0: none (copied: counted inline) */
     uint32_t classes;
-    uint32_t batch;
+    bool leasing;              /* net: lets a lease of frames through per look at the buckets */
+    uint32_t lease;            /* requests let through without a look at the buckets (>= 1) */
     uint32_t n;                /* requests counted, not yet charged */
+    uint64_t max_bytes;        /* the largest request counted: what the lease assumes each costs */
     uint64_t bytes[2];         /* ... per class: [0] READ, [1] WRITE */
     uint64_t ops[2];
     uint64_t until;            /* throttled: the clock value the buckets open at; 0: not */
@@ -254,9 +256,10 @@ static inline bool vhd_qos_may_pop(vhd_vring *vr)
     vhd_qos_gate *g = vr->qos;
     if (__builtin_expect(g == NULL, 1))
         return true;
-    /* Within a batch (net: up to batch frames are charged at once) only
-     * the first pop looks at the buckets. */
-    if (g->n > 0 && g->n < g->batch && !g->until)
+    /* Within a lease (net: frames charged at once, many while the buckets
+     * are far from their limit, one near it) only the first pop looks at
+     * the buckets. */
+    if (g->n > 0 && g->n < g->lease && !g->until)
         return true;
     return vhd_qos_gate_admit(g, vr);
 }
@@ -285,6 +288,8 @@ static inline void vhd_qos_count(vhd_vring *vr, uint32_t cls, uint64_t bytes)
     if (__builtin_expect(g == NULL, 1))
         return;
     int c = cls == VHD_QOS_WRITE;
+    if (bytes > g->max_bytes)
+        g->max_bytes = bytes;
     g->bytes[c] += bytes;
     g->ops[c] += vhd_qos_op_cost_of(g->op_size, bytes);
     g->n++;

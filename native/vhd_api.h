@@ -408,11 +408,14 @@ struct vhd_qos_gate_stats {
 };
 
 /* classes: what the ring's requests are (blk: both, net TX: WRITE, RX:
- * READ); batch: requests counted locally before they are charged (1 for
- * blk; net charges a batch of frames at once). */
-vhd_qos_gate *vhd_qos_gate_new(uint32_t classes, uint32_t batch);
+ * READ); leasing: let several requests through per look at the buckets,
+ * as many as a quarter of their room allows (net; blk looks every time:
+ * its request sizes vary too much, and a request costs microseconds). */
+vhd_qos_gate *vhd_qos_gate_new(uint32_t classes, int leasing);
 void vhd_qos_gate_free(vhd_qos_gate *g);
 void vhd_qos_gate_stats(const vhd_qos_gate *g, struct vhd_qos_gate_stats *out);
+/* Requests the gate lets through now before it looks at the buckets again. */
+uint32_t vhd_qos_gate_lease(const vhd_qos_gate *g);
 /* A stopped ring: limit it by q through gate g (q NULL: unlimited). */
 void vhd_vring_set_qos(vhd_vring *vr, vhd_qos_gate *g, vhd_qos *q);
 /* The same for a running ring, between two turns of its worker. */

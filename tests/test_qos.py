@@ -229,6 +229,43 @@ def test_ring_stops_popping_and_resumes(rig: Rig, fake_clock: Callable[[int], No
     q.close()
 
 
+@pytest.mark.parametrize("iops, lease", [(1_000_000, 1024), (2000, 50), (400, 1)])
+def test_leasing_gate_leases_by_the_room_left(rig: Rig, fake_clock: Callable[[int], None], iops: int,
+                                              lease: int) -> None:
+    """A leasing gate (net's) looks at the buckets once per lease: a quarter
+    of the room left, so far from a limit rarely (at most every 1024
+    requests) and near one at every request.  The clock does not move; 40
+    requests all go, inside the bucket (2000 IOPS: one look with room 200,
+    a lease of 50; 400 IOPS, a bucket of 40: leases of 10, 7, 5, 4, 3, 2, 2,
+    then 1 as the room runs out)."""
+    q = NativeQos([QosLimit(BOTH, QOS_OPS, iops)])
+    gate = QosGate(BOTH, leasing=True)
+    assert gate.lease() == 1
+    rig.vring.set_qos(gate, q)
+    for i in range(40):
+        rig.read_req(i, 512)
+    assert rig.process() == 40
+    assert gate.lease() == lease
+    assert gate.stats(T0).throttles == 0
+    rig.vring.set_qos(gate, None)
+    q.close()
+    gate.close()
+
+
+def test_blk_gate_never_leases(rig: Rig, fake_clock: Callable[[int], None]) -> None:
+    """blk's gate (not leasing) looks at the buckets before every request, however far the limit."""
+    q = NativeQos([QosLimit(BOTH, QOS_OPS, 1_000_000)])
+    gate = QosGate(BOTH)
+    rig.vring.set_qos(gate, q)
+    for i in range(40):
+        rig.read_req(i, 512)
+    assert rig.process() == 40
+    assert gate.lease() == 1
+    rig.vring.set_qos(gate, None)
+    q.close()
+    gate.close()
+
+
 def test_ring_limit_counts_bytes_of_reads_only(rig: Rig, fake_clock: Callable[[int], None]) -> None:
     """read_bytes_sec 40960 (a bucket of 4 KiB): reads are held by their
     size, writes are not counted."""

@@ -545,8 +545,8 @@ class GateStats:
 class QosGate:
     """``vhd_qos_gate``: one ring's access to its buckets, and its counters."""
 
-    def __init__(self, classes: int, batch: int = 1) -> None:
-        ptr = lib.vhd_qos_gate_new(classes, batch)
+    def __init__(self, classes: int, leasing: bool = False) -> None:
+        ptr = lib.vhd_qos_gate_new(classes, int(leasing))
         if ptr == ffi.NULL:
             raise NativeError(errno.ENOMEM, "vhd_qos_gate_new")
         self.ptr: Any = ptr
@@ -559,6 +559,10 @@ class QosGate:
             now = qos_clock() if now_ns is None else now_ns
             ns += max(0, now - int(out.throttled_since))
         return GateStats(int(out.throttles), ns)
+
+    def lease(self) -> int:
+        """Requests let through before the next look at the buckets."""
+        return int(lib.vhd_qos_gate_lease(self.ptr))
 
     def close(self) -> None:
         """Only while no ring uses it."""

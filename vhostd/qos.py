@@ -180,8 +180,8 @@ class DeviceQos:
     def gate(self, index: int, classes: int) -> QosGate:
         g = self.gates.get(index)
         if g is None:
-            # net frames are charged per batch of 32: one clock read and CAS each
-            g = self.gates[index] = QosGate(classes, 1 if self.kind == "blk" else 32)
+            # net frames go by leases (one clock read and bucket update per lease)
+            g = self.gates[index] = QosGate(classes, leasing=self.kind != "blk")
         return g
 
     def bind(self, vring: NativeVring, index: int, classes: int) -> None:
