@@ -104,6 +104,8 @@ def test_endpoints_fail_alone_in_one_line_and_show_in_status(tmp_path: Path) -> 
                                    "--metrics-listen", f"127.0.0.1:{port}"],
                                   tmp_path / "a.sock", tmp_path / "log") as v:
         _wait(lambda: control.exists(), 10, "control socket")
+        # The endpoints open one after the other: the control socket may come first.
+        _wait(lambda: "metrics_listen" in v.log(), 10, "metrics error")
         lines = [line for line in v.log().splitlines() if "metrics_listen" in line]
         assert len(lines) == 1 and f"metrics_listen 127.0.0.1:{port}: cannot listen: Address already in use; " \
             "devices are served without it" in lines[0], v.log()

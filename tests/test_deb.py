@@ -42,8 +42,10 @@ DEBIAN_NAMES = {"trio": "python3-trio", "cffi": "python3-cffi", "click": "python
 # fuzzing (clang), typing (mypy), the bench harness, the Debian package
 # itself, and the native scheduling and timing tests, which use no
 # dependency and take a while.
+# Not the dependencies' business: packaging itself, typing, fuzzing, DPDK and rate measurements.
 NOT_UNDER_DEBIAN_DEPS = ("test_deb.py", "test_typing.py", "test_fuzz.py", "test_dpdk_net.py",
-                         "test_bench_blkfe.py", "test_workers.py", "test_churn.py", "test_scaling.py")
+                         "test_bench_blkfe.py", "test_workers.py", "test_churn.py", "test_scaling.py",
+                         "test_qos_daemon.py")
 
 
 def _floors() -> dict[str, str]:
