@@ -222,6 +222,16 @@ static inline void vhd_vring_log_hva(vhd_vring *vr, const void *hva, size_t len)
         vhd_vring_log_hva_slow(vr, hva, len);
 }
 
+/* Copies n bytes the guest may be writing meanwhile, each read once (an
+ * unaligned descriptor cannot be read with atomic loads). */
+static inline void vhd_read_guest_bytes(void *dst, const void *src, size_t n)
+{
+    const volatile uint8_t *s = (const volatile uint8_t *)src;
+    uint8_t *d = dst;
+    for (size_t i = 0; i < n; i++)
+        d[i] = s[i];
+}
+
 /* The first len bytes of iov[0..n). */
 static inline void vhd_vring_log_iov(vhd_vring *vr, const struct iovec *iov, int n, size_t len)
 {

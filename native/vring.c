@@ -242,11 +242,7 @@ static void read_desc(const struct vring_desc *src, struct vring_desc *d)
         d->next = __atomic_load_n(&src->next, __ATOMIC_RELAXED);
         return;
     }
-    const volatile uint8_t *s = (const volatile uint8_t *)src;
-    uint8_t tmp[sizeof(*d)];
-    for (size_t i = 0; i < sizeof(tmp); i++)
-        tmp[i] = s[i];
-    memcpy(d, tmp, sizeof(tmp));
+    vhd_read_guest_bytes(d, src, sizeof(*d));
 }
 
 struct walk {

@@ -206,11 +206,7 @@ static void read_indirect(const struct vring_packed_desc *src, struct vring_pack
         d->flags = __atomic_load_n(&src->flags, __ATOMIC_RELAXED);
         return;
     }
-    const volatile uint8_t *s = (const volatile uint8_t *)src;
-    uint8_t tmp[sizeof(*d)];
-    for (size_t i = 0; i < sizeof(tmp); i++)
-        tmp[i] = s[i];
-    memcpy(d, tmp, sizeof(tmp));
+    vhd_read_guest_bytes(d, src, sizeof(*d));
 }
 
 /* One ring-level descriptor (already read): a buffer, or an indirect table
