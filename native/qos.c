@@ -58,7 +58,9 @@ struct vhd_qos {
 
 /* --- the clock --------------------------------------------------------------- */
 
-static uint64_t fake_now;   /* test builds: a clock the tests set */
+#ifdef VHD_TEST_HOOKS
+static uint64_t fake_now;   /* test builds only: a clock the tests set (process-wide, as the real one) */
+#endif
 
 uint64_t vhd_qos_clock(void)
 {
@@ -79,7 +81,6 @@ int vhd_qos_set_fake_clock(uint64_t ns)
     return 0;
 #else
     (void)ns;
-    (void)fake_now;
     return -1;
 #endif
 }
