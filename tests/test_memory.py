@@ -474,3 +474,36 @@ def test_python_mmap_and_table_share_pages() -> None:
         t.close()
         m.close()
         os.close(fd)
+
+
+def _mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+def test_devices_of_one_guest_share_one_mapping_per_file_range() -> None:
+    """Two tables (two devices of one guest, each handed its own fd of the
+    same memfd) map the range once; it stays mapped until the last table
+    closes.  Within one table, the same range at two guest addresses gets
+    two mappings (the dirty log maps host addresses back to one GPA)."""
+    data = pattern(4 * PAGE, seed=5)
+    fd = memfd(4 * PAGE, data)
+    r = MemRegion(0x100000, 4 * PAGE, 0x7F0000000000, 0)
+    alias = MemRegion(0x200000, 4 * PAGE, 0x7F1000000000, 0)
+    a = GuestMemory.from_table([r], [OwnedFd(os.dup(fd))])
+    b = GuestMemory.from_table([r, alias], [OwnedFd(os.dup(fd)), OwnedFd(os.dup(fd))])
+    os.close(fd)
+    ha = a.table.gpa_to_hva(0x100000, PAGE)
+    hb, hb_alias = b.table.gpa_to_hva(0x100000, PAGE), b.table.gpa_to_hva(0x200000, PAGE)
+    assert ha is not None and ha == hb
+    assert hb_alias is not None and hb_alias != hb and peek(hb_alias, PAGE) == data[:PAGE]
+    a.close()
+    a.unmap()
+    assert _mapped(ha) and peek(ha, 4 * PAGE) == data      # b still uses it
+    b.close()
+    b.unmap()
+    assert not _mapped(ha) and not _mapped(hb_alias)

@@ -43,8 +43,9 @@ class GuestRegion:
     mapping: RegionMapping
 
     @classmethod
-    def map(cls, r: MemRegion, fd: OwnedFd) -> GuestRegion:
-        """Maps r from fd; closes fd."""
+    def map(cls, r: MemRegion, fd: OwnedFd, table: Sequence[GuestRegion] = ()) -> GuestRegion:
+        """Maps r from fd (or shares another device's mapping of the same
+        range, never one of `table`'s); closes fd."""
         try:
             if r.memory_size == 0:
                 raise GuestMemoryError(f"region ({_describe(r)}): size 0")
@@ -52,7 +53,9 @@ class GuestRegion:
                     or r.mmap_offset + r.memory_size > 1 << 64):
                 raise GuestMemoryError(f"region ({_describe(r)}): wraps around the address space")
             try:
-                return cls(r, RegionMapping(fd.fileno(), r.memory_size, r.mmap_offset))
+                mapping = RegionMapping.open(fd.fileno(), r.memory_size, r.mmap_offset,
+                                             {g.mapping for g in table})
+                return cls(r, mapping)
             except NativeError as e:
                 raise GuestMemoryError(f"region ({_describe(r)}): {e.strerror}") from None
         finally:
@@ -105,7 +108,7 @@ class GuestMemory:
                 raise GuestMemoryError(f"{len(regions)} regions but {len(fds)} fds")
             for i, (r, fd) in enumerate(zip(regions, fds)):
                 try:
-                    mapped.append(GuestRegion.map(r, fd))
+                    mapped.append(GuestRegion.map(r, fd, mapped))
                 except GuestMemoryError as e:
                     raise GuestMemoryError(f"region {i} {str(e).removeprefix('region ')}") from None
             return cls(mapped)
@@ -121,7 +124,7 @@ class GuestMemory:
         if len(self.regions) >= MAX_MEM_SLOTS:
             fd.close()
             raise GuestMemoryError(f"region ({_describe(r)}): all {MAX_MEM_SLOTS} memory slots are in use")
-        g = GuestRegion.map(r, fd)
+        g = GuestRegion.map(r, fd, self.regions)
         try:
             return GuestMemory((*self.regions, g)), g
         except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +93,17 @@ class MemTable:
 class RegionMapping:
     """One guest memory region's mapping (``vhd_region_map``), shared by
     every table that holds the region: unmapped by close(), once no table
-    a worker may use still has it."""
+    a worker may use still has it.
+
+    One mapping per file range for the whole process: the devices of one
+    guest (a disk and a NIC, a NIC's queue pairs) are handed the same
+    memfd on separate connections, and mapping it once per device
+    multiplies the TLB footprint of the same memory (one front-end with 4
+    ports on 4 devices cost the worker 3x per frame).  `open()` returns the
+    existing mapping of (file, offset, size) with one more user; close()
+    drops one.  Only the control plane (one thread) opens and closes."""
+
+    _open: dict[tuple[int, int, int, int], RegionMapping] = {}
 
     def __init__(self, fd: int, size: int, mmap_offset: int) -> None:
         err = ffi.new("int *")
@@ -103,11 +114,39 @@ class RegionMapping:
         self.base: Any = base
         self.length = mmap_offset + size
         self.hva: Any = ffi.cast("char *", base) + mmap_offset
+        self.users = 1
+        self.key: tuple[int, int, int, int] | None = None
+
+    @classmethod
+    def open(cls, fd: int, size: int, mmap_offset: int, avoid: Collection[RegionMapping] = ()) -> RegionMapping:
+        """The mapping of fd's range, shared unless it is one of `avoid` (the
+        table's own: two regions of one table never share host addresses,
+        which the dirty log's host-to-guest lookup needs)."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, mmap_offset, size)
+        m = cls._open.get(key)
+        if m is not None and m not in avoid:
+            # The file is the same while the mapping lives (it holds the inode),
+            # but its size may have shrunk: map anew rather than fault later.
+            if st.st_size >= m.length:
+                m.users += 1
+                return m
+        m = cls(fd, size, mmap_offset)
+        if key not in cls._open:
+            m.key = key
+            cls._open[key] = m
+        return m
 
     def close(self) -> None:
+        if self.base == ffi.NULL:
+            return
+        self.users -= 1
+        if self.users > 0:
+            return
+        if self.key is not None and self._open.get(self.key) is self:
+            del self._open[self.key]
         base, self.base = self.base, ffi.NULL
-        if base != ffi.NULL:
-            lib.vhd_unmap(base, self.length)
+        lib.vhd_unmap(base, self.length)
 
 
 def inflight_queue_size(queue_size: int, packed: bool = False) -> int:
