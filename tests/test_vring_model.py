@@ -87,6 +87,21 @@ def segments(gpa: int, n: int, room: int) -> list[tuple[int, int]]:
     return segs
 
 
+def add_buffer(c: Chain, addr: int, n: int, writable: bool) -> None:
+    """One descriptor's buffer joins the chain (the walk's checks, in its order)."""
+    if not writable and c.inn:
+        raise Err(lib.VHD_ERR_ORDER)
+    segs = segments(addr, n, lib.VHD_MAX_IOV - len(c.out) - len(c.inn))
+    if writable:
+        c.inn += segs
+        c.in_len += n
+    else:
+        c.out += segs
+        c.out_len += n
+    if c.in_len > 2**32 - 1 or c.out_len > 2**32 - 1:
+        raise Err(lib.VHD_ERR_LEN)
+
+
 class Model:
     def __init__(self, mem: bytearray, desc: int, avail: int, indirect: bool) -> None:
         self.mem, self.desc, self.avail, self.indirect = mem, desc, avail, indirect
@@ -125,18 +140,7 @@ class Model:
                     raise Err(lib.VHD_ERR_ADDR)
                 table, size, count, nested, i = addr, n // 16, 0, True, 0
                 continue
-            writable = bool(flags & W)
-            if not writable and c.inn:
-                raise Err(lib.VHD_ERR_ORDER)
-            segs = segments(addr, n, lib.VHD_MAX_IOV - len(c.out) - len(c.inn))
-            if writable:
-                c.inn += segs
-                c.in_len += n
-            else:
-                c.out += segs
-                c.out_len += n
-            if c.in_len > 2**32 - 1 or c.out_len > 2**32 - 1:
-                raise Err(lib.VHD_ERR_LEN)
+            add_buffer(c, addr, n, bool(flags & W))
             if not flags & N:
                 return c
             i = nxt

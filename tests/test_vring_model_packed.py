@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from test_vring_model import (
     ARENA, BASE, END, LENS, NUM, REGION, SECTORS, SERIAL, SPECIAL_ADDRS, U64, Chain, Err, Model,
-    header_bytes, inside_one, plausible_chain, ram_bytes, segments, workdir,
+    add_buffer, header_bytes, inside_one, plausible_chain, ram_bytes, workdir,
 )
 from vhd_helpers import GuardedRam, Rig
 from vhostd._native import lib
@@ -84,17 +84,7 @@ class PackedModel(Model):
         return c, ndesc, pos, wrap
 
     def add(self, c: Chain, addr: int, n: int, writable: bool) -> None:
-        if not writable and c.inn:
-            raise Err(lib.VHD_ERR_ORDER)
-        segs = segments(addr, n, lib.VHD_MAX_IOV - len(c.out) - len(c.inn))
-        if writable:
-            c.inn += segs
-            c.in_len += n
-        else:
-            c.out += segs
-            c.out_len += n
-        if c.in_len > 2**32 - 1 or c.out_len > 2**32 - 1:
-            raise Err(lib.VHD_ERR_LEN)
+        add_buffer(c, addr, n, writable)
 
 
 FLAG_BITS = [0, A, U, A | U, A, U]
