@@ -14,6 +14,7 @@ import pytest
 
 from vhostd.native import (QOS_BYTES, QOS_OPS, QOS_READ, QOS_WRITE, NativeError, NativeQos, QosGate,
                            QosLimit, qos_set_fake_clock)
+from unavailable import missing
 from vhd_helpers import Rig
 
 S = 1_000_000_000
@@ -194,7 +195,7 @@ def rig(rig_factory: Callable[..., Rig], request: pytest.FixtureRequest) -> Rig:
 @pytest.fixture
 def fake_clock() -> Iterator[Callable[[int], None]]:
     if not qos_set_fake_clock(T0):
-        pytest.skip("needs the test build (VHOSTD_TEST_HOOKS=1)")
+        missing("needs the test build (VHOSTD_TEST_HOOKS=1, as ./dev setup builds it)")
     def set_clock(ns: int) -> None:
         qos_set_fake_clock(ns)
 
