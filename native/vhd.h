@@ -3,6 +3,7 @@
 #ifndef VHD_H
 #define VHD_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -220,6 +221,40 @@ static inline void vhd_vring_log_hva(vhd_vring *vr, const void *hva, size_t len)
 {
     if (__builtin_expect(vr->log != NULL, 0))
         vhd_vring_log_hva_slow(vr, hva, len);
+}
+
+/* What a chain walk has gathered so far (both ring layouts). */
+struct vhd_walk_buffers {
+    int niov;
+    uint64_t out_len;
+    uint64_t in_len;
+};
+
+/* One descriptor's buffer joins the chain: the one place where a buffer's
+ * guest address and length are checked (inside guest memory, room in the
+ * iovec, readable before writable, totals below 4 GiB), for split and
+ * packed rings alike.  Returns 0 or a VHD_ERR_*. */
+static inline int vhd_chain_add_buffer(const vhd_vring *vr, struct vhd_walk_buffers *b, struct vhd_chain *c,
+                                       uint64_t addr, uint32_t len, bool writable)
+{
+    if (!writable && c->n_in > 0)
+        return VHD_ERR_ORDER;
+    int n = vhd_mem_gpa_to_iov(vr->mem, addr, len, &c->iov[b->niov], VHD_MAX_IOV - b->niov);
+    if (n == -ENOBUFS)
+        return VHD_ERR_IOV;
+    if (n < 0)
+        return VHD_ERR_ADDR;
+    b->niov += n;
+    if (writable) {
+        c->n_in += (uint16_t)n;
+        b->in_len += len;
+    } else {
+        c->n_out += (uint16_t)n;
+        b->out_len += len;
+    }
+    if (b->in_len > UINT32_MAX || b->out_len > UINT32_MAX)
+        return VHD_ERR_LEN;
+    return 0;
 }
 
 /* Copies n bytes the guest may be writing meanwhile, each read once (an

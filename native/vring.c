@@ -250,9 +250,7 @@ struct walk {
     uint32_t table_size;
     uint32_t count;      /* descriptors visited in this table */
     bool in_indirect;
-    int niov;
-    uint64_t out_len;
-    uint64_t in_len;
+    struct vhd_walk_buffers buf;
 };
 
 static int enter_indirect(const vhd_vring *vr, struct walk *w, const struct vring_desc *d)
@@ -268,30 +266,6 @@ static int enter_indirect(const vhd_vring *vr, struct walk *w, const struct vrin
     w->table_size = d->len / sizeof(struct vring_desc);
     w->count = 0;
     w->in_indirect = true;
-    return 0;
-}
-
-static int add_buffer(const vhd_vring *vr, struct walk *w, struct vhd_chain *c,
-                      const struct vring_desc *d)
-{
-    bool writable = d->flags & VRING_DESC_F_WRITE;
-    if (!writable && c->n_in > 0)
-        return VHD_ERR_ORDER;
-    int n = vhd_mem_gpa_to_iov(vr->mem, d->addr, d->len, &c->iov[w->niov], VHD_MAX_IOV - w->niov);
-    if (n == -ENOBUFS)
-        return VHD_ERR_IOV;
-    if (n < 0)
-        return VHD_ERR_ADDR;
-    w->niov += n;
-    if (writable) {
-        c->n_in += (uint16_t)n;
-        w->in_len += d->len;
-    } else {
-        c->n_out += (uint16_t)n;
-        w->out_len += d->len;
-    }
-    if (w->in_len > UINT32_MAX || w->out_len > UINT32_MAX)
-        return VHD_ERR_LEN;
     return 0;
 }
 
@@ -314,7 +288,7 @@ static int walk_chain(const vhd_vring *vr, struct vhd_chain *c, uint16_t head)
             i = 0;
             continue;
         }
-        rc = add_buffer(vr, &w, c, &d);
+        rc = vhd_chain_add_buffer(vr, &w.buf, c, d.addr, d.len, d.flags & VRING_DESC_F_WRITE);
         if (rc < 0)
             return rc;
         if (!(d.flags & VRING_DESC_F_NEXT))
@@ -323,8 +297,8 @@ static int walk_chain(const vhd_vring *vr, struct vhd_chain *c, uint16_t head)
         if (i >= w.table_size)
             return VHD_ERR_NEXT;
     }
-    c->out_len = (uint32_t)w.out_len;
-    c->in_len = (uint32_t)w.in_len;
+    c->out_len = (uint32_t)w.buf.out_len;
+    c->in_len = (uint32_t)w.buf.in_len;
     return 0;
 }
 

@@ -168,35 +168,6 @@ int vhd_packed_set_mem(vhd_vring *vr, const vhd_mem *mem)
 
 /* --- popping ------------------------------------------------------------------ */
 
-struct walk {
-    int niov;
-    uint64_t out_len;
-    uint64_t in_len;
-};
-
-static int add_buffer(const vhd_vring *vr, struct walk *w, struct vhd_chain *c, uint64_t addr, uint32_t len,
-                      bool writable)
-{
-    if (!writable && c->n_in > 0)
-        return VHD_ERR_ORDER;
-    int n = vhd_mem_gpa_to_iov(vr->mem, addr, len, &c->iov[w->niov], VHD_MAX_IOV - w->niov);
-    if (n == -ENOBUFS)
-        return VHD_ERR_IOV;
-    if (n < 0)
-        return VHD_ERR_ADDR;
-    w->niov += n;
-    if (writable) {
-        c->n_in += (uint16_t)n;
-        w->in_len += len;
-    } else {
-        c->n_out += (uint16_t)n;
-        w->out_len += len;
-    }
-    if (w->in_len > UINT32_MAX || w->out_len > UINT32_MAX)
-        return VHD_ERR_LEN;
-    return 0;
-}
-
 /* An indirect table entry, read once (tables need not be aligned). */
 static void read_indirect(const struct vring_packed_desc *src, struct vring_packed_desc *d)
 {
@@ -212,10 +183,10 @@ static void read_indirect(const struct vring_packed_desc *src, struct vring_pack
 /* One ring-level descriptor (already read): a buffer, or an indirect table
  * (virtio 1.2 2.8.19: entries follow each other, the table's length says
  * how many; only WRITE counts in them, NEXT and the id are ignored). */
-static int take_desc(const vhd_vring *vr, struct walk *w, struct vhd_chain *c, const struct vring_packed_desc *d)
+static int take_desc(const vhd_vring *vr, struct vhd_walk_buffers *w, struct vhd_chain *c, const struct vring_packed_desc *d)
 {
     if (!(d->flags & VRING_DESC_F_INDIRECT))
-        return add_buffer(vr, w, c, d->addr, d->len, d->flags & VRING_DESC_F_WRITE);
+        return vhd_chain_add_buffer(vr, w, c, d->addr, d->len, d->flags & VRING_DESC_F_WRITE);
     if (!vr->indirect || (d->flags & VRING_DESC_F_NEXT))
         return VHD_ERR_INDIRECT;
     if (d->len == 0 || d->len % sizeof(struct vring_packed_desc) != 0)
@@ -229,7 +200,7 @@ static int take_desc(const vhd_vring *vr, struct walk *w, struct vhd_chain *c, c
         read_indirect(&table[i], &e);
         if (e.flags & VRING_DESC_F_INDIRECT)
             return VHD_ERR_INDIRECT;    /* nested */
-        int rc = add_buffer(vr, w, c, e.addr, e.len, e.flags & VRING_DESC_F_WRITE);
+        int rc = vhd_chain_add_buffer(vr, w, c, e.addr, e.len, e.flags & VRING_DESC_F_WRITE);
         if (rc < 0)
             return rc;
     }
@@ -279,7 +250,7 @@ int vhd_packed_pop(vhd_vring *vr, struct vhd_chain *c)
         return desc_used_ahead(flags, wrap) ? fail(vr, VHD_ERR_WRAP) : VHD_POP_EMPTY;
     struct vhd_inflight_region_packed *reg = pk->inflight;
     uint16_t entry = 0, last = 0, cursor = reg ? reg->free_head : 0;
-    struct walk w = { 0 };
+    struct vhd_walk_buffers w = { 0 };
     c->n_out = c->n_in = 0;
     uint32_t ndesc = 0;
     uint16_t id = 0;
@@ -350,7 +321,7 @@ static int pop_resubmit(vhd_vring *vr, struct vhd_chain *c)
     struct vhd_inflight_region_packed *reg = pk->inflight;
     uint16_t entry = vr->resubmit[vr->resubmit_pos++];
     uint16_t ndesc = reg->desc[entry].num;
-    struct walk w = { 0 };
+    struct vhd_walk_buffers w = { 0 };
     c->n_out = c->n_in = 0;
     uint16_t cur = entry, id = 0;
     for (uint16_t k = 0; k < ndesc; k++) {
