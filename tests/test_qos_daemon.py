@@ -34,22 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import BenchError  # noqa: E402
-from bench.blk_backend import build_blkfe  # noqa: E402
+from test_bench_blkfe import blkfe  # noqa: E402,F401  (the fixture: blkfe built once per module)
 
 VHOSTD = [sys.executable, "-m", "vhostd"]
 TOL = 0.05
 WINDOW = 10.0   # the issue: the rate within TOL over 10 s
-
-
-@pytest.fixture(scope="module")
-def blkfe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        missing("no C compiler (cc)")
-    try:
-        return build_blkfe(tmp_path_factory.mktemp("blkfe"))
-    except BenchError as e:
-        pytest.fail(str(e))
 
 
 class Serve:
